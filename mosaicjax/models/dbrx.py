@@ -1,0 +1,256 @@
+"""DBRX: decoder-only fine-grained MoE transformer, numerically equal to transformers' DbrxForCausalLM.
+
+    tokens -> wte -> L x [x += attn(norm_1(x)); x += moe(norm_2(x))] -> norm_f -> lm_head -> logits
+
+Parameter tree (scan_layers=True; block params get a leading 'layers' axis), kernels [in, out]:
+    wte/embedding [vocab, d]                           lm_head/kernel [d, vocab]      norm_f/scale [d]
+    blocks/norm_1/scale [L, d]                         blocks/norm_2/scale [L, d]
+    blocks/attn/Wqkv/kernel [L, d, (H + 2*KV)*hd]      blocks/attn/out_proj/kernel [L, d, d]
+    blocks/router/kernel [L, d, E]                     blocks/experts/{w1,v1,w2} [L, E*ffn, d]  (HF layout)
+With scan_layers=False the blocks are blocks_0 ... blocks_{L-1} without the leading axis
+(stack_block_params / unstack_block_params convert).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from mosaicjax.models import layers
+from mosaicjax.models import moe
+
+REMAT_POLICIES = ('none', 'full', 'dots')
+
+
+@gin.configurable('DbrxConfig')
+@dataclasses.dataclass(frozen=True)
+class DbrxConfig:
+    """DBRX hyper-parameters: Hugging Face config.json fields (flattened), then framework fields.
+
+    Defaults are the published DBRX-132B (databricks/dbrx-base), except moe_jitter_eps (0: no jitter).
+    """
+    # --- Hugging Face DBRX fields ---
+    d_model: int = 6144  # residual stream width (HF hidden_size)
+    n_heads: int = 48  # query heads; head_dim = d_model // n_heads
+    n_layers: int = 40  # transformer blocks
+    max_seq_len: int = 32768  # longest sequence the model is meant for (RoPE has no hard limit)
+    vocab_size: int = 100352  # embedding / lm_head rows (cl100k BPE padded)
+    kv_n_heads: int = 8  # key/value heads (GQA); n_heads % kv_n_heads == 0; 1 = MQA
+    clip_qkv: float | None = 8.0  # clamp the fused qkv projection to [-clip_qkv, clip_qkv]; None = off
+    rope_theta: float = 500000.0  # RoPE base (HF attn_config.rope_theta)
+    ffn_hidden_size: int = 10752  # hidden width of each expert's GLU
+    moe_num_experts: int = 16  # experts per MoE layer
+    moe_top_k: int = 4  # experts each token is routed to
+    moe_jitter_eps: float | None = 0.0  # router-input multiplicative noise U(1-eps, 1+eps) in training
+    moe_loss_weight: float = 0.05  # weight the trainer puts on aux['moe_lb_loss']
+    moe_normalize_expert_weights: float | None = 1.0  # p of the p-norm top-k weights are divided by
+    # --- framework fields ---
+    dtype: str = 'float32'  # compute dtype ('bfloat16': bf16 matmuls over float32 params)
+    param_dtype: str = 'float32'  # parameter storage dtype
+    remat: str = 'none'  # per-block rematerialisation: 'none' | 'full' (save nothing) | 'dots' (save matmuls)
+    scan_layers: bool = True  # nn.scan over blocks (one compiled block, params stacked on 'layers')
+    moe_dispatch: str = 'auto'  # 'auto' | 'loop' | 'sorted' | 'ragged' | 'capacity' (see models/moe.py)
+    moe_capacity_factor: float = 1.25  # per-expert capacity multiplier, 'capacity' dispatch only
+    moe_block_size: int = 0  # 'sorted' dispatch block rows (0 = derived from tokens per expert)
+    router_z_loss_weight: float = 0.0  # weight the trainer puts on aux['router_z_loss']
+    layer_norm_eps: float = 1e-5  # LayerNorm epsilon (torch default, as in the HF model)
+    initializer_range: float = 0.02  # stddev of every normal initialiser (HF initializer_range)
+    attention_impl: str = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'einsum' (see models/layers.py)
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f'd_model={self.d_model} not divisible by n_heads={self.n_heads}')
+        if self.n_heads % self.kv_n_heads:
+            raise ValueError(f'n_heads={self.n_heads} not divisible by kv_n_heads={self.kv_n_heads}')
+        if self.head_dim % 2:
+            raise ValueError(f'head_dim={self.head_dim} must be even for RoPE')
+        if not 1 <= self.moe_top_k <= self.moe_num_experts:
+            raise ValueError(f'moe_top_k={self.moe_top_k} must be in [1, moe_num_experts={self.moe_num_experts}]')
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f'remat={self.remat!r}; expected one of {REMAT_POLICIES}')
+        if self.moe_dispatch not in moe.DISPATCH_STRATEGIES:
+            raise ValueError(f'moe_dispatch={self.moe_dispatch!r}; expected one of {moe.DISPATCH_STRATEGIES}')
+        if self.attention_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of {layers.ATTENTION_IMPLS}')
+        for name in ('dtype', 'param_dtype'):
+            jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, **overrides) -> 'DbrxConfig':
+        """From a Hugging Face DBRX config.json dict (see mosaicjax.checkpoints.hf_dbrx)."""
+        from mosaicjax.checkpoints import hf_dbrx  # pylint: disable=import-outside-toplevel
+        return hf_dbrx.config_from_hf(hf, **overrides)
+
+    def to_hf_dict(self) -> dict:
+        """To a Hugging Face DBRX config.json dict (see mosaicjax.checkpoints.hf_dbrx)."""
+        from mosaicjax.checkpoints import hf_dbrx  # pylint: disable=import-outside-toplevel
+        return hf_dbrx.config_to_hf(self)
+
+
+class DbrxBlock(nn.Module):
+    """One pre-norm transformer block; returns (x, per-layer aux). Signature fits nn.scan (carry, *broadcast)."""
+    config: DbrxConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, valid):
+        """x [batch, seq, d]; cos/sin f32 [batch, seq, head_dim]; mask bool [batch, 1, seq, seq];
+        valid bool [batch, seq] (False = padding)."""
+        cfg = self.config
+        dt, pdt = cfg.compute_dtype, cfg.params_dtype
+        act = ('act_batch', 'act_length', 'act_embed')
+        h = layers.LayerNorm(cfg.layer_norm_eps, dt, pdt, name='norm_1')(x)
+        h = layers.Attention(cfg.d_model, cfg.n_heads, cfg.kv_n_heads, cfg.clip_qkv, cfg.attention_impl,
+                             cfg.initializer_range, dt, pdt, name='attn')(h, cos, sin, mask)
+        x = nn.with_logical_constraint(x + h, act)
+        h = layers.LayerNorm(cfg.layer_norm_eps, dt, pdt, name='norm_2')(x)
+        logits, probs, top_w, top_idx = moe.Router(
+            cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_jitter_eps, cfg.moe_normalize_expert_weights,
+            cfg.initializer_range, pdt, name='router')(h, deterministic=self.deterministic)  # [b, s, E|k]
+        y, dropped = moe.Experts(cfg.moe_num_experts, cfg.ffn_hidden_size, cfg.moe_dispatch,
+                                 cfg.moe_capacity_factor, cfg.moe_block_size, cfg.initializer_range, dt, pdt,
+                                 name='experts')(h, top_w, top_idx, valid)  # [batch, seq, d]
+        x = nn.with_logical_constraint(x + y, act)
+        e = cfg.moe_num_experts
+        aux = moe.router_aux(logits.reshape(-1, e), probs.reshape(-1, e),
+                             top_idx.reshape(-1, cfg.moe_top_k), valid.reshape(-1))
+        aux['dropped_fraction'] = dropped
+        return x, aux
+
+
+def _remat_policy(name: str):
+    # 'full' saves nothing (recompute the whole block); 'dots' keeps matmul outputs, recomputes elementwise.
+    return {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots}[name]
+
+
+class Dbrx(nn.Module):
+    """DBRX causal LM. __call__(tokens, positions=None, segment_ids=None, *, deterministic=True) -> (logits, aux).
+
+    tokens/positions/segment_ids int32 [batch, seq]; positions default arange(seq), segment_ids default ones
+    (0 marks padding, which never attends to / is attended by real tokens and is excluded from router stats).
+    logits float32 [batch, seq, vocab]. aux: 'moe_lb_loss' and 'router_z_loss' (unweighted scalars, mean over
+    layers), 'expert_load' f32 [n_layers, E], 'dropped_fraction' (mean over layers; 0 when dropless).
+    """
+    config: DbrxConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True):
+        cfg = self.config
+        dt, pdt = cfg.compute_dtype, cfg.params_dtype
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        init = nn.initializers.normal(cfg.initializer_range)
+
+        x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt,
+                     embedding_init=nn.with_logical_partitioning(init, ('vocab', 'embed')),
+                     name='wte')(tokens)  # [batch, seq, d]
+        x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
+        # Computed once, shared by every layer.
+        cos, sin = layers.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [batch, seq, head_dim]
+        mask = layers.make_attention_mask(segment_ids)  # [batch, 1, seq, seq]
+        valid = segment_ids != 0  # [batch, seq]
+
+        block = DbrxBlock
+        if cfg.remat != 'none':
+            block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'jitter': True},
+                             in_axes=(nn.broadcast,) * 4, length=cfg.n_layers,
+                             metadata_params={nn.PARTITION_NAME: 'layers'})
+            x, aux = blocks(cfg, deterministic, name='blocks')(x, cos, sin, mask, valid)  # aux leaves [L, ...]
+        else:
+            per_layer = []
+            for i in range(cfg.n_layers):
+                x, a = block(cfg, deterministic, name=f'blocks_{i}')(x, cos, sin, mask, valid)
+                per_layer.append(a)
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)  # leaves [L, ...]
+
+        x = layers.LayerNorm(cfg.layer_norm_eps, dt, pdt, name='norm_f')(x)
+        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
+                          kernel_init=nn.with_logical_partitioning(init, ('embed', 'vocab')),
+                          name='lm_head')(x)  # [batch, seq, vocab]
+        logits = nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
+        return logits.astype(jnp.float32), {
+            'moe_lb_loss': jnp.mean(aux['lb_loss']),
+            'router_z_loss': jnp.mean(aux['z_loss']),
+            'expert_load': aux['expert_load'].astype(jnp.float32),  # [n_layers, E]
+            'dropped_fraction': jnp.mean(aux['dropped_fraction']),
+        }
+
+
+def make_model(cfg: DbrxConfig) -> Dbrx:
+    return Dbrx(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layer-stacking helpers (scan <-> unrolled parameter layouts)
+
+
+def unstack_block_params(params: dict, n_layers: int) -> dict:
+    """scan layout (blocks/... [L, ...]) -> unrolled layout (blocks_i/...). Other entries are kept."""
+    out = {k: v for k, v in params.items() if k != 'blocks'}
+    for i in range(n_layers):
+        out[f'blocks_{i}'] = jax.tree.map(lambda a, i=i: a[i], params['blocks'])
+    return out
+
+
+def stack_block_params(params: dict, n_layers: int) -> dict:
+    """unrolled layout (blocks_i/...) -> scan layout (blocks/... [L, ...]). Other entries are kept."""
+    names = [f'blocks_{i}' for i in range(n_layers)]
+    out = {k: v for k, v in params.items() if k not in names}
+    out['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Size and cost
+
+
+def count_params(cfg: DbrxConfig) -> dict:
+    """Analytic parameter counts: total, active (per token) and embedding (input wte only).
+
+    active = everything except the experts + top_k / E of the expert weights (a token runs k of E experts).
+    """
+    d, hd, e, f = cfg.d_model, cfg.head_dim, cfg.moe_num_experts, cfg.ffn_hidden_size
+    attn = d * (cfg.n_heads + 2 * cfg.kv_n_heads) * hd + d * d  # Wqkv + out_proj
+    per_layer_dense = attn + 2 * d + d * e  # + norm_1, norm_2, router
+    per_layer_experts = 3 * e * f * d  # w1, v1, w2
+    embedding = cfg.vocab_size * d
+    dense = embedding + cfg.n_layers * per_layer_dense + d + d * cfg.vocab_size  # + norm_f, lm_head
+    experts = cfg.n_layers * per_layer_experts
+    return {
+        'total': dense + experts,
+        'active': dense + experts * cfg.moe_top_k // e,
+        'embedding': embedding,
+    }
+
+
+def flops_per_token(cfg: DbrxConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6 * N_active + 12 * n_layers * d_model * seq_len.
+
+    N_active: active parameters without the input embedding (a lookup, no matmul; lm_head is counted).
+    6N: forward (2N) + backward (4N) matmul FLOPs. The attention term counts QK^T and AV (2 * 2 * d * seq
+    per token forward, x3 for training) over the full square (no causal halving), as PaLM and MaxText do,
+    so MFU numbers are comparable with theirs. With GQA the score/value matmuls still use n_heads*head_dim
+    = d_model, so the term is unchanged. The router's and norms' elementwise work is ignored.
+    """
+    n = count_params(cfg)
+    return float(6 * (n['active'] - n['embedding']) + 12 * cfg.n_layers * cfg.d_model * seq_len)

@@ -1,0 +1,186 @@
+"""Dense building blocks shared by the decoder models: LayerNorm, RoPE, masked GQA attention.
+
+Numerics follow transformers' DBRX (the parity reference): bias-free LayerNorm computed in float32,
+NeoX-style ("rotate_half") rotary embeddings, softmax scale 1/sqrt(head_dim), softmax in float32.
+
+Every parameter carries logical axis names (see mosaicjax/parallel/rules.py) and the key activations are
+constrained with logical names; outside a mesh/rules context those constraints are no-ops, so nothing here
+depends on the mesh.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Values accepted by `attention(..., impl=)` / DbrxConfig.attention_impl.
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'einsum')
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without bias (DBRX uses `nn.LayerNorm(d, bias=False)`), statistics in float32.
+
+    Attributes:
+      eps: variance epsilon (torch's default 1e-5 for DBRX).
+      dtype: dtype of the output (the compute dtype of the model).
+      param_dtype: dtype of the `scale` parameter.
+    """
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                           (features,), self.param_dtype)
+        # float32 statistics: bf16 variance over thousands of features loses several bits.
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables for NeoX rotary embeddings at integer `positions`.
+
+    Args:
+      positions: int [batch, seq] token positions (restart at 0 at every packed document).
+      head_dim: rotary dimension (DBRX rotates the whole head).
+      theta: RoPE base (DBRX-132B: 500000).
+    Returns:
+      (cos, sin), each float32 [batch, seq, head_dim].
+    """
+    if head_dim % 2:
+        raise ValueError(f'RoPE needs an even head_dim, got {head_dim}')
+    # inv_freq is a trace-time constant: compute it in float64 and round once, which is at least as
+    # accurate as the reference's float32 pow.
+    inv_freq = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    inv_freq = jnp.asarray(inv_freq, dtype=jnp.float32)  # [head_dim/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [batch, seq, head_dim]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """[x1, x2] -> [-x2, x1] on the last axis (NeoX / transformers convention, not interleaved pairs)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [batch, seq, heads, head_dim] by cos/sin [batch, seq, head_dim]; math in float32."""
+    cos = cos[:, :, None, :]  # [batch, seq, 1, head_dim]
+    sin = sin[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
+
+
+def make_attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal AND same-segment boolean mask.
+
+    Args:
+      segment_ids: int [batch, seq]; 1..n per packed document, 0 = padding.
+    Returns:
+      bool [batch, 1, seq, seq]; True where query t may attend key s.
+
+    Padding (segment 0) is treated as one more segment: real tokens never see it, and a padding row still
+    sees itself, so no softmax row is empty (no NaN) and nothing needs special-casing downstream.
+    """
+    t = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))  # [seq_q, seq_k]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [batch, seq_q, seq_k]
+    return (same & causal[None])[:, None, :, :]  # [batch, 1, seq_q, seq_k]
+
+
+def _einsum_attention(q, k, v, mask, scale):
+    """Reference attention, grouped without materialising repeated K/V heads."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    g = n // kv
+    # Query head i uses kv head i // g (transformers' repeat_kv order): split heads as [kv, g].
+    qg = q.reshape(b, t, kv, g, h)  # [batch, seq_q, kv_heads, group, head_dim]
+    logits = jnp.einsum('btkgh,bskh->bkgts', qg, k,
+                        preferred_element_type=jnp.float32)  # [batch, kv_heads, group, seq_q, seq_k]
+    logits = logits * scale
+    logits = jnp.where(mask[:, :, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [batch, kv_heads, group, seq_q, seq_k]
+    out = jnp.einsum('bkgts,bskh->btkgh', probs, v)  # [batch, seq_q, kv_heads, group, head_dim]
+    return out.reshape(b, t, n, h)  # [batch, seq_q, heads, head_dim]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+              impl: str = 'auto') -> jax.Array:
+    """Masked (GQA/MQA) scaled dot-product attention.
+
+    Args:
+      q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (heads % kv_heads == 0).
+      mask: bool broadcastable to [batch, heads, seq_q, seq_k] (see make_attention_mask).
+      impl: 'auto' (jax.nn.dot_product_attention, implementation chosen by JAX/XLA), 'xla', 'cudnn'
+        (flash attention on GPU; supports only some shapes/dtypes) or 'einsum' (plain einsums).
+    Returns:
+      [batch, seq, heads, head_dim] in q's dtype.
+    """
+    scale = 1.0 / float(np.sqrt(q.shape[-1]))
+    if impl == 'einsum':
+        return _einsum_attention(q, k, v, mask, scale)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f'unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}')
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                        implementation=None if impl == 'auto' else impl)
+
+
+class Attention(nn.Module):
+    """DBRX attention: fused Wqkv, optional clamp, RoPE, GQA, causal+segment mask, out_proj.
+
+    Attributes:
+      d_model, n_heads, kv_n_heads: model width and head counts (head_dim = d_model // n_heads).
+      clip_qkv: clamp the fused qkv projection to [-clip_qkv, clip_qkv] when not None.
+      impl: attention implementation (see `attention`).
+      init_std: stddev of the normal kernel initialiser.
+    """
+    d_model: int
+    n_heads: int
+    kv_n_heads: int
+    clip_qkv: float | None = None
+    impl: str = 'auto'
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x [batch, seq, d_model] -> [batch, seq, d_model].
+
+        cos/sin come from rope_cos_sin, mask from make_attention_mask.
+        """
+        b, t, _ = x.shape
+        hd = self.d_model // self.n_heads
+        kv_dim = self.kv_n_heads * hd
+        init = nn.initializers.normal(self.init_std)
+        qkv = nn.Dense(self.d_model + 2 * kv_dim, use_bias=False, dtype=self.dtype,
+                       param_dtype=self.param_dtype,
+                       kernel_init=nn.with_logical_partitioning(init, ('embed', 'qkv')),
+                       name='Wqkv')(x)  # [batch, seq, (heads + 2*kv_heads)*head_dim]
+        if self.clip_qkv is not None:
+            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
+        q = qkv[..., :self.d_model].reshape(b, t, self.n_heads, hd)  # [batch, seq, heads, head_dim]
+        k = qkv[..., self.d_model:self.d_model + kv_dim].reshape(b, t, self.kv_n_heads, hd)  # [b, s, kv, hd]
+        v = qkv[..., self.d_model + kv_dim:].reshape(b, t, self.kv_n_heads, hd)  # [batch, seq, kv_heads, hd]
+        q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
+        k = nn.with_logical_constraint(k, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
+        v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        o = attention(q, k, v, mask, impl=self.impl)  # [batch, seq, heads, head_dim]
+        o = nn.with_logical_constraint(o, ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
+        o = o.reshape(b, t, self.d_model)  # [batch, seq, heads*head_dim]
+        return nn.Dense(self.d_model, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=nn.with_logical_partitioning(init, ('heads', 'embed')),
+                        name='out_proj')(o)  # [batch, seq, d_model]

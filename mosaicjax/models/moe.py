@@ -1,0 +1,315 @@
+"""DBRX mixture of experts: router, GLU experts, dispatch strategies, auxiliary losses.
+
+Routing (as transformers' DBRX): logits = x @ router, softmax in float32 over all experts, top-k, then the
+top-k weights are divided by their p-norm (p = moe_normalize_expert_weights; None = no renormalisation).
+Experts are SiLU-GLU MLPs stored in the Hugging Face layout: w1, v1, w2 are [experts*ffn, d_model] and
+expert e computes (silu(x @ w1_e.T) * (x @ v1_e.T)) @ w2_e.
+
+Dispatch strategies (all compute the same function; only speed and memory differ, except 'capacity'):
+  'loop'      every expert runs over every token and is masked by its routing weight. E times the work;
+              the obviously-correct reference the others are tested against.
+  'sorted'    dropless. Token-assignments are sorted by expert, each expert's group is padded to a multiple
+              of a block size, and the blocks run as one batched matmul against per-block expert weights.
+              The fast path on XLA:CPU, where a padded batched matmul does ~97 GFLOP/s and
+              jax.lax.ragged_dot ~11 (2 cores).
+  'ragged'    dropless grouped matmul with jax.lax.ragged_dot on the sorted assignments: no padding at all;
+              meant for GPU/TPU where ragged_dot lowers to a real grouped GEMM.
+  'capacity'  fixed per-expert capacity ceil(capacity_factor * assignments / experts); assignments over
+              capacity are dropped (first-choice assignments of all tokens take precedence over second
+              choices, padding tokens come last) and the dropped fraction is reported.
+  'auto'      'ragged' on gpu/tpu, 'sorted' elsewhere.
+
+All strategies work on the flattened global token list, so they are mesh-agnostic (GSPMD partitions them);
+an explicit expert-parallel all-to-all (shard_map) is a separate, later strategy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+DISPATCH_STRATEGIES = ('auto', 'loop', 'sorted', 'ragged', 'capacity')
+
+
+def resolve_dispatch(dispatch: str) -> str:
+    """Maps 'auto' to the strategy for the default backend ('ragged' on gpu/tpu, 'sorted' on cpu)."""
+    if dispatch not in DISPATCH_STRATEGIES:
+        raise ValueError(f'unknown moe_dispatch {dispatch!r}; expected one of {DISPATCH_STRATEGIES}')
+    if dispatch != 'auto':
+        return dispatch
+    return 'ragged' if jax.default_backend() in ('gpu', 'cuda', 'rocm', 'tpu') else 'sorted'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Router
+
+
+class Router(nn.Module):
+    """Top-k softmax router.
+
+    Attributes:
+      num_experts, top_k: experts and experts per token.
+      jitter_eps: when not None/0 and not deterministic, the router *input* is multiplied by
+        uniform(1 - eps, 1 + eps) noise (rng stream 'jitter'); the experts see the clean input.
+      normalize_p: p of the p-norm the top-k weights are divided by (None: keep raw probabilities).
+      init_std: stddev of the normal kernel initialiser.
+    """
+    num_experts: int
+    top_k: int
+    jitter_eps: float | None = None
+    normalize_p: float | None = 1.0
+    init_std: float = 0.02
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True):
+        """x [..., d_model] -> (logits f32 [..., E], probs f32 [..., E], top_w f32 [..., k], top_idx i32 [..., k])."""
+        kernel = self.param('kernel', nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                                     ('embed', None)),
+                            (x.shape[-1], self.num_experts), self.param_dtype)
+        x = x.astype(jnp.float32)
+        if not deterministic and self.jitter_eps:
+            noise = jax.random.uniform(self.make_rng('jitter'), x.shape, jnp.float32,
+                                       1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            x = x * noise
+        # Routing decisions are discrete: keep logits in float32 even under bf16 compute (cheap: E columns).
+        logits = jnp.einsum('...d,de->...e', x, kernel.astype(jnp.float32))  # [..., experts]
+        probs = jax.nn.softmax(logits, axis=-1)  # [..., experts]
+        top_w, top_idx = jax.lax.top_k(probs, self.top_k)  # [..., k]
+        if self.normalize_p is not None:
+            p = float(self.normalize_p)
+            if math.isinf(p):
+                norm = jnp.max(jnp.abs(top_w), axis=-1, keepdims=True)
+            else:
+                norm = jnp.sum(jnp.abs(top_w) ** p, axis=-1, keepdims=True) ** (1.0 / p)
+            top_w = top_w / norm
+        return logits, probs, top_w, top_idx.astype(jnp.int32)
+
+
+def router_aux(logits: jax.Array, probs: jax.Array, top_idx: jax.Array,
+               valid: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Per-layer router statistics over real (non-padding) tokens.
+
+    Args:
+      logits, probs: float32 [tokens, E]; top_idx: int [tokens, k]; valid: bool [tokens] (None = all).
+    Returns:
+      'lb_loss': Switch/HF load-balancing loss E * sum_e f_e * P_e, with f_e = (top-k assignments to e) /
+        tokens (so sum_e f_e = k and a perfectly balanced router scores k) and P_e = mean router prob of e.
+        For one layer this is exactly transformers' `load_balancing_loss_func`.
+        Across layers we AVERAGE the per-layer losses (MegaBlocks) instead of pooling every layer's tokens
+        into one f and one P (transformers): a pooled f/P can look balanced while each layer is badly
+        imbalanced in a different direction, and balance is needed per layer (each layer has its own experts
+        on the same devices). Note MegaBlocks also divides f by k, so its value is ours / top_k.
+      'z_loss': mean over tokens of logsumexp(logits)^2 (ST-MoE router z-loss).
+      'expert_load': float32 [E], fraction of routed assignments per expert (sums to 1).
+    """
+    n, e = probs.shape
+    k = top_idx.shape[-1]
+    w = jnp.ones((n,), jnp.float32) if valid is None else valid.astype(jnp.float32)  # [tokens]
+    n_valid = jnp.maximum(jnp.sum(w), 1.0)
+    counts = jnp.einsum('n,nke->e', w, jax.nn.one_hot(top_idx, e, dtype=jnp.float32))  # [E]
+    frac_tokens = counts / n_valid  # [E]; sums to k
+    mean_prob = jnp.einsum('n,ne->e', w, probs.astype(jnp.float32)) / n_valid  # [E]
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [tokens]
+    return {
+        'lb_loss': e * jnp.sum(frac_tokens * mean_prob),
+        'z_loss': jnp.sum(w * jnp.square(lse)) / n_valid,
+        'expert_load': counts / (n_valid * k),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatch strategies. Shared signature:
+#   x [N, D]; w1, v1, w2 [E, F, D] (compute dtype); top_w f32 [N, k]; top_idx int [N, k]; valid bool [N]
+#   -> (y f32 [N, D], dropped_fraction f32 scalar)
+
+
+def _glu(x, w1, v1, w2):
+    """One expert's GLU: x [..., D], w* [F, D] -> [..., D]."""
+    h = jax.nn.silu(jnp.einsum('...d,fd->...f', x, w1)) * jnp.einsum('...d,fd->...f', x, v1)  # [..., F]
+    return jnp.einsum('...f,fd->...d', h, w2)  # [..., D]
+
+
+def _rows(x, idx):
+    """x[idx] where idx == len(x) selects a zero row (the padding slot of dispatch buffers)."""
+    x_ext = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)  # [N+1, ...]
+    return x_ext[idx]
+
+
+def _combine(y_assign, top_w):
+    """Weighted sum of each token's k expert outputs: y_assign [N, k, D], top_w [N, k] -> f32 [N, D]."""
+    return jnp.einsum('nk,nkd->nd', top_w.astype(jnp.float32), y_assign.astype(jnp.float32))
+
+
+def dispatch_loop(x, w1, v1, w2, top_w, top_idx, valid=None):
+    """Reference: every expert over every token, scaled by that token's weight for the expert (0 if unrouted)."""
+    del valid
+    e = w1.shape[0]
+    gates = jnp.einsum('nk,nke->ne', top_w.astype(jnp.float32),
+                       jax.nn.one_hot(top_idx, e, dtype=jnp.float32))  # [N, E]
+    y = jnp.zeros(x.shape, jnp.float32)
+    for i in range(e):
+        y = y + gates[:, i:i + 1] * _glu(x, w1[i], v1[i], w2[i]).astype(jnp.float32)  # [N, D]
+    return y, jnp.zeros((), jnp.float32)
+
+
+def _sort_by_expert(top_idx, e):
+    """Stable sort of the N*k assignments (token-major) by expert.
+
+    Returns order [A] (assignment ids in sorted order), sorted_e [A], group_sizes int32 [E], rank [A] (position of
+    each sorted assignment inside its expert's group).
+    """
+    a = top_idx.size
+    flat_e = top_idx.reshape(a)  # [A], assignment id = token * k + slot
+    order = jnp.argsort(flat_e, stable=True)  # [A]
+    sorted_e = flat_e[order]  # [A]
+    group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)  # [E]
+    group_start = jnp.cumsum(group_sizes) - group_sizes  # [E]
+    rank = jnp.arange(a, dtype=jnp.int32) - group_start[sorted_e]  # [A]
+    return order, sorted_e, group_sizes, rank
+
+
+def default_block_size(num_assignments: int, num_experts: int) -> int:
+    """Block size for 'sorted': about a quarter of an expert's mean load, multiple of 8, in [8, 512].
+
+    The static buffer holds A + E*(bs-1) rows, so padding waste is ~E*bs = A/4 (25%) while the per-block
+    weight gather stays ~5x the expert weights; larger bs trades waste for fewer gathered weight copies.
+    """
+    bs = math.ceil(num_assignments / (4 * num_experts))
+    return int(min(512, max(8, 8 * math.ceil(bs / 8))))
+
+
+def dispatch_sorted(x, w1, v1, w2, top_w, top_idx, valid=None, *, block_size: int = 0):
+    """Dropless blocked dispatch: sort by expert, pad groups to block multiples, one batched matmul."""
+    del valid
+    n, k = top_idx.shape
+    e = w1.shape[0]
+    a = n * k
+    bs = block_size or default_block_size(a, e)
+    num_blocks = (a + e * (bs - 1)) // bs  # static bound on sum_e ceil(group_e / bs)
+    order, sorted_e, group_sizes, rank = _sort_by_expert(top_idx, e)
+    padded = (group_sizes + bs - 1) // bs * bs  # [E]
+    padded_end = jnp.cumsum(padded)  # [E]
+    dest_sorted = (padded_end - padded)[sorted_e] + rank  # [A] row in the padded buffer
+    slot_token = jnp.full((num_blocks * bs,), n, jnp.int32).at[dest_sorted].set(
+        (order // k).astype(jnp.int32))  # [P]; n = empty slot
+    xb = _rows(x, slot_token).reshape(num_blocks, bs, -1)  # [blocks, bs, D]
+    # Expert of block b: first expert whose padded range ends after b*bs. Blocks past the last group get
+    # clipped to E-1; their rows are zero so their outputs (and weight gradients) are zero.
+    block_e = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * bs, side='right')
+    block_e = jnp.minimum(block_e, e - 1)  # [blocks]
+    h = (jax.nn.silu(jnp.einsum('bsd,bfd->bsf', xb, w1[block_e]))
+         * jnp.einsum('bsd,bfd->bsf', xb, v1[block_e]))  # [blocks, bs, F]
+    yb = jnp.einsum('bsf,bfd->bsd', h, w2[block_e])  # [blocks, bs, D]
+    dest = jnp.zeros((a,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))  # [A] token-major
+    y_assign = yb.reshape(num_blocks * bs, -1)[dest].reshape(n, k, -1)  # [N, k, D]
+    return _combine(y_assign, top_w), jnp.zeros((), jnp.float32)
+
+
+_RAGGED_DNUMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])),  # contract lhs D with rhs [E, F, D]'s D
+    lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def dispatch_ragged(x, w1, v1, w2, top_w, top_idx, valid=None):
+    """Dropless grouped matmul (jax.lax.ragged_dot) over the expert-sorted assignments."""
+    del valid
+    n, k = top_idx.shape
+    e = w1.shape[0]
+    order, _, group_sizes, _ = _sort_by_expert(top_idx, e)
+    xs = x[order // k]  # [A, D] grouped by expert
+    h1 = jax.lax.ragged_dot_general(xs, w1, group_sizes, _RAGGED_DNUMS)  # [A, F]
+    h2 = jax.lax.ragged_dot_general(xs, v1, group_sizes, _RAGGED_DNUMS)  # [A, F]
+    ys = jax.lax.ragged_dot(jax.nn.silu(h1) * h2, w2, group_sizes)  # [A, D]
+    inv = jnp.zeros((n * k,), jnp.int32).at[order].set(jnp.arange(n * k, dtype=jnp.int32))  # [A]
+    return _combine(ys[inv].reshape(n, k, -1), top_w), jnp.zeros((), jnp.float32)
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Per-expert slots: ceil(capacity_factor * N * k / E), at least 1."""
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def dispatch_capacity(x, w1, v1, w2, top_w, top_idx, valid=None, *, capacity_factor: float = 1.25):
+    """Fixed-capacity dispatch into an [E, C, D] buffer; overflow assignments are dropped (contribute 0)."""
+    n, k = top_idx.shape
+    e = w1.shape[0]
+    a = n * k
+    cap = expert_capacity(n, k, e, capacity_factor)
+    valid = jnp.ones((n,), jnp.bool_) if valid is None else valid
+    # Slot-major assignment ids (a = slot * N + token): every token's first choice outranks any second
+    # choice; padding tokens are pushed behind all real ones so they only ever drop themselves.
+    e_sm = top_idx.T.reshape(a)  # [A]
+    tok_sm = jnp.tile(jnp.arange(n, dtype=jnp.int32), k)  # [A]
+    valid_sm = jnp.tile(valid, k)  # [A]
+    priority = jnp.arange(a, dtype=jnp.int32) + jnp.where(valid_sm, 0, a).astype(jnp.int32)  # [A] < 2A
+    order = jnp.argsort(e_sm.astype(jnp.int32) * (2 * a) + priority)  # [A]; keys are unique
+    sorted_e = e_sm[order]
+    group_sizes = jnp.bincount(e_sm, length=e)
+    rank = jnp.arange(a) - (jnp.cumsum(group_sizes) - group_sizes)[sorted_e]  # [A]
+    keep = rank < cap  # [A]
+    dest_sorted = jnp.where(keep, sorted_e * cap + rank, e * cap).astype(jnp.int32)  # e*cap = dropped
+    slot_token = jnp.full((e * cap + 1,), n, jnp.int32).at[dest_sorted].set(tok_sm[order])[:e * cap]
+    xe = _rows(x, slot_token).reshape(e, cap, -1)  # [E, C, D]
+    h = (jax.nn.silu(jnp.einsum('ecd,efd->ecf', xe, w1))
+         * jnp.einsum('ecd,efd->ecf', xe, v1))  # [E, C, F]
+    ye = jnp.einsum('ecf,efd->ecd', h, w2).reshape(e * cap, -1)  # [E*C, D]
+    dest = jnp.zeros((a,), jnp.int32).at[order].set(dest_sorted)  # [A] slot-major; e*cap = dropped
+    y_assign = _rows(ye, dest).reshape(k, n, -1).transpose(1, 0, 2)  # [N, k, D]
+    dropped = jnp.sum((~keep) & valid_sm[order]) / jnp.maximum(jnp.sum(valid_sm), 1)
+    return _combine(y_assign, top_w), dropped.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experts module
+
+
+class Experts(nn.Module):
+    """E SiLU-GLU experts with HF-layout weights, applied to routed tokens.
+
+    Attributes:
+      num_experts, ffn_hidden_size: experts and each expert's hidden width.
+      dispatch: one of DISPATCH_STRATEGIES.
+      capacity_factor: per-expert capacity multiplier for 'capacity'.
+      block_size: 'sorted' block size (0 = default_block_size).
+      init_std: stddev of the normal initialiser.
+    """
+    num_experts: int
+    ffn_hidden_size: int
+    dispatch: str = 'auto'
+    capacity_factor: float = 1.25
+    block_size: int = 0
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, top_w, top_idx, valid=None):
+        """x [..., D], top_w [..., k], top_idx [..., k], valid bool [...] -> (y [..., D] in dtype, dropped f32)."""
+        d = x.shape[-1]
+        e, f = self.num_experts, self.ffn_hidden_size
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ('exp_mlp', 'embed'))
+        # HF layout [E*F, D] for all three (w2 is used as h @ w2_e, i.e. already [in=F, out=D] per expert).
+        w1, v1, w2 = (self.param(name, init, (e * f, d), self.param_dtype).astype(self.dtype)
+                      .reshape(e, f, d) for name in ('w1', 'v1', 'w2'))  # each [E, F, D]
+        lead = x.shape[:-1]
+        xf = x.astype(self.dtype).reshape(-1, d)  # [N, D]
+        xf = nn.with_logical_constraint(xf, ('act_batch', 'act_embed'))
+        tw = top_w.reshape(xf.shape[0], -1)  # [N, k]
+        ti = top_idx.reshape(xf.shape[0], -1)  # [N, k]
+        vf = None if valid is None else valid.reshape(-1)  # [N]
+        strategy = resolve_dispatch(self.dispatch)
+        if strategy == 'loop':
+            y, dropped = dispatch_loop(xf, w1, v1, w2, tw, ti, vf)
+        elif strategy == 'sorted':
+            y, dropped = dispatch_sorted(xf, w1, v1, w2, tw, ti, vf, block_size=self.block_size)
+        elif strategy == 'ragged':
+            y, dropped = dispatch_ragged(xf, w1, v1, w2, tw, ti, vf)
+        else:
+            y, dropped = dispatch_capacity(xf, w1, v1, w2, tw, ti, vf, capacity_factor=self.capacity_factor)
+        return y.astype(self.dtype).reshape(*lead, d), dropped
