@@ -63,6 +63,10 @@ class DataConfig:
     on_error: str = "raise"
     # Shuffle training documents (each epoch differently, deterministically from train.seed).
     shuffle: bool = True
+    # Shuffle packed rows within windows of this many rows (0 disables). Packing lays a long document over many
+    # consecutive rows; without this a batch would hold slices of one or two files and its gradient would be
+    # far noisier than its size suggests. Resume replays at most one window, so keep it moderate.
+    shuffle_window_rows: int = 1024
     # Append the tokenizer's EOS to every document, so the model learns where documents end.
     add_eos: bool = True
     # Evaluation batches used when make_eval_batches gets max_batches=None; None = the whole held-out set.
@@ -136,6 +140,9 @@ def make_train_dataset(cfg: DataConfig, tokenizer: tokenizers_lib.Tokenizer, *, 
     ds = ds.map(_Tokenize(cfg, tokenizer))
     it_ds = ds.to_iter_dataset(_read_options(cfg), allow_nones=True)
     it_ds = packing.PackedIterDataset(it_ds, seq_len)
+    if cfg.shuffle and cfg.shuffle_window_rows > 1:
+        it_ds = grain.experimental.WindowShuffleIterDataset(
+            it_ds, window_size=cfg.shuffle_window_rows, seed=(int(seed) + 1) % 2**32)
     return it_ds.batch(batch_size, drop_remainder=True)
 
 

@@ -58,7 +58,8 @@ def test_same_seed_same_batches_different_seed_differs(corpus, byte_tokenizer):
 
 
 def test_epochs_cover_all_docs_and_reshuffle(corpus, byte_tokenizer, decode_docs):
-    cfg = pipeline.DataConfig(**corpus[0])
+    # Row-window shuffling off: this reads documents back in stream order to check the epoch permutations.
+    cfg = pipeline.DataConfig(shuffle_window_rows=0, **corpus[0])
     docs = decode_docs(_take(_iterator(cfg, byte_tokenizer, batch_size=4, seq_len=64), 40), byte_tokenizer)
     assert len(docs) > 2 * N_DOCS
     texts = [byte_tokenizer.decode(d) for d in docs[:2 * N_DOCS]]
@@ -66,6 +67,18 @@ def test_epochs_cover_all_docs_and_reshuffle(corpus, byte_tokenizer, decode_docs
     assert sorted(epoch0) == sorted(corpus[1].values()) == sorted(epoch1)  # every epoch is a permutation
     assert epoch0 != epoch1, "each epoch must be shuffled differently"
     assert epoch0 != sorted(epoch0)
+
+
+def test_row_window_shuffle_mixes_documents_within_a_batch(corpus, byte_tokenizer):
+    # seq_len 8 << document length: unshuffled, a batch of 4 consecutive rows comes from one or two documents.
+    unshuffled = pipeline.DataConfig(shuffle_window_rows=0, **corpus[0])
+    shuffled = pipeline.DataConfig(shuffle_window_rows=64, **corpus[0])
+    a = _take(_iterator(unshuffled, byte_tokenizer, batch_size=4, seq_len=8), 20)
+    b = _take(_iterator(shuffled, byte_tokenizer, batch_size=4, seq_len=8), 20)
+    rows_a = [tuple(r) for x in a for r in x["inputs"].tolist()]
+    rows_b = [tuple(r) for x in b for r in x["inputs"].tolist()]
+    assert rows_a != rows_b, "the window shuffle must reorder rows"
+    assert sorted(rows_a[:40]) != rows_a[:40] or sorted(rows_b) != rows_b
 
 
 def test_no_shuffle_reads_in_path_order(corpus, byte_tokenizer, decode_docs):
@@ -99,7 +112,7 @@ def test_resume_across_epoch_boundary(corpus, byte_tokenizer, json_roundtrip):
 
 
 def test_process_shards_are_disjoint_and_cover(corpus, byte_tokenizer, decode_docs):
-    cfg = pipeline.DataConfig(**corpus[0])
+    cfg = pipeline.DataConfig(shuffle_window_rows=0, **corpus[0])  # documents read back in stream order
     seen = []
     for p in range(3):
         it = _iterator(cfg, byte_tokenizer, batch_size=2, seq_len=64, process_index=p, process_count=3)
@@ -111,7 +124,7 @@ def test_process_shards_are_disjoint_and_cover(corpus, byte_tokenizer, decode_do
 
 
 def test_eval_split_is_held_out_and_deterministic(corpus, byte_tokenizer, decode_docs):
-    cfg = pipeline.DataConfig(eval_fraction=0.3, eval_max_batches=None, **corpus[0])
+    cfg = pipeline.DataConfig(eval_fraction=0.3, eval_max_batches=None, shuffle_window_rows=0, **corpus[0])
     ev = pipeline.make_eval_batches(cfg, byte_tokenizer, batch_size=2, seq_len=32)
     ev2 = pipeline.make_eval_batches(cfg, byte_tokenizer, batch_size=2, seq_len=32)
     _assert_batches_equal(ev, ev2)
