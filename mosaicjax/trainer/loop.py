@@ -142,6 +142,7 @@ def train(workdir: str) -> dict[str, Any]:
         data_cfg, tokenizer, batch_size=local_batch, seq_len=train_cfg.seq_len, seed=train_cfg.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     eval_bs = (train_cfg.eval_batch_size or train_cfg.batch_size) // jax.process_count()
+    # Empty when the config names no held-out data: evaluation is then skipped, not reported as zeros.
     eval_batches = data_pipeline.make_eval_batches(
         data_cfg, tokenizer, batch_size=eval_bs, seq_len=train_cfg.seq_len, max_batches=train_cfg.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -207,7 +208,7 @@ def train(workdir: str) -> dict[str, Any]:
             step += 1
             interval_steps += 1
             final = step == train_cfg.num_steps
-            do_eval = final or (train_cfg.eval_every and step % train_cfg.eval_every == 0)
+            do_eval = bool(eval_batches) and (final or (train_cfg.eval_every and step % train_cfg.eval_every == 0))
             stopping = stop.any_process()
             if step % train_cfg.log_every == 0 or final or do_eval or stopping:
                 values = {k: float(v) for k, v in jax.device_get(pending).items()}
