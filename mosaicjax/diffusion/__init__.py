@@ -1,0 +1,1 @@
+"""Diffusion: samplers (schedulers.py) and the text-to-image pipeline (pipeline.py)."""
