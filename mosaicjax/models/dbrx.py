@@ -19,6 +19,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from mosaicjax.models import expert_parallel
 from mosaicjax.models import layers
 from mosaicjax.models import moe
 
@@ -52,9 +53,11 @@ class DbrxConfig:
     param_dtype: str = 'float32'  # parameter storage dtype
     remat: str = 'none'  # per-block rematerialisation: 'none' | 'full' (save nothing) | 'dots' (save matmuls)
     scan_layers: bool = True  # nn.scan over blocks (one compiled block, params stacked on 'layers')
-    moe_dispatch: str = 'auto'  # 'auto' | 'loop' | 'sorted' | 'ragged' | 'capacity' (see models/moe.py)
-    moe_capacity_factor: float = 1.25  # per-expert capacity multiplier, 'capacity' dispatch only
-    moe_block_size: int = 0  # 'sorted' dispatch block rows (0 = derived from tokens per expert)
+    moe_dispatch: str = 'auto'  # 'auto' | 'loop' | 'sorted' | 'blocked' | 'ragged' | 'capacity' (models/moe.py)
+    # 'capacity' only: per-expert capacity multiplier; under an expert-parallel mesh, the all-to-all bucket
+    # capacity as a multiple of the balanced load (models/expert_parallel.py)
+    moe_capacity_factor: float = 1.25
+    moe_block_size: int = 0  # 'sorted' / 'blocked' dispatch block rows (0 = derived from tokens per expert)
     router_z_loss_weight: float = 0.0  # weight the trainer puts on aux['router_z_loss']
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon (torch default, as in the HF model)
     initializer_range: float = 0.02  # stddev of every normal initialiser (HF initializer_range)
@@ -102,34 +105,82 @@ class DbrxConfig:
         return hf_dbrx.config_to_hf(self)
 
 
+def gather_experts(x, w1, v1, w2, layer, top_w, top_idx, num_experts: int):
+    """Dropless MoE for a handful of tokens (decoding): reads only the k experts each token uses.
+
+    x [N, D]; w1, v1, w2: the HF-layout expert weights of every layer, [L, E*F, D] (x @ w1_e.T, h @ w2_e);
+    layer: int32 scalar, the layer to use; top_w f32 [N, k]; top_idx int [N, k] -> f32 [N, D].
+    The rows of expert (layer, e) are gathered straight from the stacked parameter: slicing the layer out
+    first (what nn.scan does to block params) would copy all E experts of the layer every step, and the
+    blocked 'sorted' dispatch reads ~E experts for one token. The right trade while N*k <= E.
+    """
+    n, k = top_idx.shape
+    lyr, ef, d = w1.shape
+    f = ef // num_experts
+    idx = layer * num_experts + top_idx  # [N, k] rows of the [L*E, F, D] view
+    g1, g2, g3 = (w.reshape(lyr * num_experts, f, d)[idx].astype(x.dtype).reshape(n, k * f, d)
+                  for w in (w1, v1, w2))  # each [N, k*F, D]
+    h = (jax.nn.silu(jnp.einsum('nmd,nd->nm', g1, x))
+         * jnp.einsum('nmd,nd->nm', g2, x))  # [N, k*F]: one matrix-vector product per token
+    # Scaling h by the routing weight before w2 (linear) turns the k expert outputs and their weighted
+    # sum into one product over the concatenated k*F rows.
+    h = (h.reshape(n, k, f).astype(jnp.float32) * top_w[:, :, None].astype(jnp.float32))  # [N, k, F]
+    return jnp.einsum('nm,nmd->nd', h.reshape(n, k * f).astype(x.dtype), g3,
+                      preferred_element_type=jnp.float32)  # [N, D]
+
+
 class DbrxBlock(nn.Module):
-    """One pre-norm transformer block; returns (x, per-layer aux). Signature fits nn.scan (carry, *broadcast)."""
+    """One pre-norm transformer block; returns (x, per-layer aux). Signature fits nn.scan (carry, *broadcast).
+
+    Attributes:
+      deterministic: no router jitter when True.
+      return_kv: also return this layer's new keys/values in aux['k'], aux['v'] [batch, seq, kv_heads, hd]
+        (implied when a kv cache is passed): how prefill and decode fill the KV cache.
+    """
     config: DbrxConfig
     deterministic: bool = True
+    return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, valid):
+    def __call__(self, x, cos, sin, mask, valid, kv_cache=None, cache_mask=None, experts_w=None, layer=None):
         """x [batch, seq, d]; cos/sin f32 [batch, seq, head_dim]; mask bool [batch, 1, seq, seq];
-        valid bool [batch, seq] (False = padding)."""
+        valid bool [batch, seq] (False = padding).
+
+        Decoding: kv_cache = (k, v) [batch, cache_len, kv_heads, head_dim] (this layer's cache before these
+        tokens) and cache_mask bool [batch, 1, seq, cache_len] (cached slots each token may attend to).
+        experts_w = {'w1', 'v1', 'w2'} [L', E*F, D] and layer (int32 index into L'): run the MoE with
+        gather_experts on these (the stacked expert params) instead of this block's own Experts."""
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.params_dtype
         act = ('act_batch', 'act_length', 'act_embed')
         h = layers.LayerNorm(cfg.layer_norm_eps, dt, pdt, name='norm_1')(x)
         h = layers.Attention(cfg.d_model, cfg.n_heads, cfg.kv_n_heads, cfg.clip_qkv, cfg.attention_impl,
-                             cfg.initializer_range, dt, pdt, name='attn')(h, cos, sin, mask)
+                             cfg.initializer_range, dt, pdt, name='attn')(
+                                 h, cos, sin, mask, kv_cache, cache_mask, self.return_kv)
+        new_kv = None
+        if kv_cache is not None or self.return_kv:
+            h, new_kv = h
         x = nn.with_logical_constraint(x + h, act)
         h = layers.LayerNorm(cfg.layer_norm_eps, dt, pdt, name='norm_2')(x)
         logits, probs, top_w, top_idx = moe.Router(
             cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_jitter_eps, cfg.moe_normalize_expert_weights,
             cfg.initializer_range, pdt, name='router')(h, deterministic=self.deterministic)  # [b, s, E|k]
-        y, dropped = moe.Experts(cfg.moe_num_experts, cfg.ffn_hidden_size, cfg.moe_dispatch,
-                                 cfg.moe_capacity_factor, cfg.moe_block_size, cfg.initializer_range, dt, pdt,
-                                 name='experts')(h, top_w, top_idx, valid)  # [batch, seq, d]
-        x = nn.with_logical_constraint(x + y, act)
         e = cfg.moe_num_experts
+        if experts_w is not None:
+            b, t, d = h.shape
+            y = gather_experts(h.reshape(b * t, d), experts_w['w1'], experts_w['v1'], experts_w['w2'], layer,
+                               top_w.reshape(b * t, -1), top_idx.reshape(b * t, -1), e)  # [batch*seq, d]
+            y, dropped = y.astype(dt).reshape(b, t, d), jnp.zeros((), jnp.float32)
+        else:
+            y, dropped = moe.Experts(cfg.moe_num_experts, cfg.ffn_hidden_size, cfg.moe_dispatch,
+                                     cfg.moe_capacity_factor, cfg.moe_block_size, cfg.initializer_range, dt, pdt,
+                                     name='experts')(h, top_w, top_idx, valid)  # [batch, seq, d]
+        x = nn.with_logical_constraint(x + y, act)
         aux = moe.router_aux(logits.reshape(-1, e), probs.reshape(-1, e),
                              top_idx.reshape(-1, cfg.moe_top_k), valid.reshape(-1))
         aux['dropped_fraction'] = dropped
+        if new_kv is not None:
+            aux['k'], aux['v'] = new_kv
         return x, aux
 
 
@@ -145,16 +196,34 @@ class Dbrx(nn.Module):
     (0 marks padding, which never attends to / is attended by real tokens and is excluded from router stats).
     logits float32 [batch, seq, vocab]. aux: 'moe_lb_loss' and 'router_z_loss' (unweighted scalars, mean over
     layers), 'expert_load' f32 [n_layers, E], 'dropped_fraction' (mean over layers; 0 when dropless).
+
+    KV-cache decoding (mosaicjax.generation drives it): pass kv_cache = {'k', 'v'} each
+    [n_layers, batch, cache_len, kv_heads, head_dim] (only kv heads are cached) and get the updated cache back
+    in aux['kv_cache'].
+      cache_index=None: prefill of an empty cache. Exactly the training forward (same attention, same
+        dispatch); the tokens' keys/values are written to slots [0, seq).
+      cache_index int32 [batch]: append. Row b's tokens go to slots cache_index[b] + t, attend to its cached
+        slots < cache_index[b] and causally (same segment) to each other; positions default to the slots.
+        When batch*seq*top_k <= n_experts (and no multi-device mesh is in context) the MoE gathers just the
+        routed experts' rows from the stacked params (gather_experts).
+    logits_index int32 [batch] (optional): return logits only at that sequence index per row,
+    [batch, 1, vocab] (e.g. the last real token of right-padded prompts), skipping lm_head elsewhere.
     """
     config: DbrxConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True,
+                 kv_cache=None, cache_index=None, logits_index=None):
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.params_dtype
         b, t = tokens.shape
+        if cache_index is not None and kv_cache is None:
+            raise ValueError('cache_index needs kv_cache')
+        if kv_cache is not None and cache_index is None and t > kv_cache['k'].shape[2]:
+            raise ValueError(f'prefill of {t} tokens does not fit a cache of {kv_cache["k"].shape[2]} slots')
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            start = 0 if cache_index is None else cache_index.astype(jnp.int32)[:, None]  # [batch, 1]
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + start, (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         init = nn.initializers.normal(cfg.initializer_range)
@@ -171,29 +240,79 @@ class Dbrx(nn.Module):
         block = DbrxBlock
         if cfg.remat != 'none':
             block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        return_kv = kv_cache is not None
+        # Extra block inputs when appending to a cache: the layer's cache (scanned over layers) and which
+        # cached slots each new token may see (the same for every layer).
+        extra, extra_axes = (), ()
+        gather = False
+        if cache_index is not None:
+            slots = jnp.arange(kv_cache['k'].shape[2], dtype=jnp.int32)  # [cache_len]
+            cache_mask = (slots[None, None, :] < cache_index.astype(jnp.int32)[:, None, None])[:, None]
+            cache_mask = jnp.broadcast_to(cache_mask, (b, 1, t, slots.shape[0]))  # [batch, 1, seq, cache_len]
+            extra, extra_axes = ((kv_cache['k'], kv_cache['v']), cache_mask), (0, nn.broadcast)
+            # A few tokens on one device (a multi-device mesh keeps the sharded dispatch): gather the routed
+            # experts' rows straight from the stacked params (see gather_experts).
+            gather = (b * t * cfg.moe_top_k <= cfg.moe_num_experts and not self.is_initializing()
+                      and expert_parallel.context_plan(cfg.moe_num_experts) is None)
         if cfg.scan_layers:
+            if gather:
+                stacked = nn.meta.unbox(self.variables['params']['blocks']['experts'])  # each [L, E*F, D]
+                extra += (stacked, jnp.arange(cfg.n_layers, dtype=jnp.int32))
+                extra_axes += (nn.broadcast, 0)
             blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'jitter': True},
-                             in_axes=(nn.broadcast,) * 4, length=cfg.n_layers,
+                             in_axes=(nn.broadcast,) * 4 + extra_axes, length=cfg.n_layers,
                              metadata_params={nn.PARTITION_NAME: 'layers'})
-            x, aux = blocks(cfg, deterministic, name='blocks')(x, cos, sin, mask, valid)  # aux leaves [L, ...]
+            x, aux = blocks(cfg, deterministic, return_kv, name='blocks')(
+                x, cos, sin, mask, valid, *extra)  # aux leaves [L, ...]
         else:
             per_layer = []
             for i in range(cfg.n_layers):
-                x, a = block(cfg, deterministic, name=f'blocks_{i}')(x, cos, sin, mask, valid)
+                layer_extra = () if not extra else ((extra[0][0][i], extra[0][1][i]), extra[1])
+                if gather:
+                    w = nn.meta.unbox(self.variables['params'][f'blocks_{i}']['experts'])  # each [E*F, D]
+                    layer_extra += ({n: a[None] for n, a in w.items()}, jnp.zeros((), jnp.int32))
+                x, a = block(cfg, deterministic, return_kv, name=f'blocks_{i}')(
+                    x, cos, sin, mask, valid, *layer_extra)
                 per_layer.append(a)
             aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)  # leaves [L, ...]
 
+        if logits_index is not None:
+            x = x[jnp.arange(b), logits_index.astype(jnp.int32)][:, None]  # [batch, 1, d]
         x = layers.LayerNorm(cfg.layer_norm_eps, dt, pdt, name='norm_f')(x)
         logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
                           kernel_init=nn.with_logical_partitioning(init, ('embed', 'vocab')),
                           name='lm_head')(x)  # [batch, seq, vocab]
         logits = nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
-        return logits.astype(jnp.float32), {
+        out_aux = {
             'moe_lb_loss': jnp.mean(aux['lb_loss']),
             'router_z_loss': jnp.mean(aux['z_loss']),
             'expert_load': aux['expert_load'].astype(jnp.float32),  # [n_layers, E]
             'dropped_fraction': jnp.mean(aux['dropped_fraction']),
         }
+        if kv_cache is not None:
+            out_aux['kv_cache'] = write_kv_cache(kv_cache, aux['k'], aux['v'], cache_index)
+        return logits.astype(jnp.float32), out_aux
+
+
+def write_kv_cache(kv_cache: dict, k, v, cache_index=None) -> dict:
+    """Writes new keys/values k, v [L, batch, seq, kv_heads, hd] into kv_cache {'k', 'v'} [L, batch, S, kv, hd].
+
+    cache_index None: at slots [0, seq) (prefill; one static slice update). Else int32 [batch]: row b at
+    slots cache_index[b] + t; slots >= S are dropped (a finished row may run past the end harmlessly).
+    Under jit with the cache donated both update in place.
+    """
+    out = {}
+    for name, new in (('k', k), ('v', v)):
+        cache = kv_cache[name]
+        new = new.astype(cache.dtype)
+        if cache_index is None:
+            out[name] = jax.lax.dynamic_update_slice(cache, new, (0, 0, 0, 0, 0))
+        else:
+            b, t = new.shape[1], new.shape[2]
+            rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))  # [batch, seq]
+            slots = cache_index.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)  # [batch, seq]
+            out[name] = cache.at[:, rows, slots].set(new, mode='drop')  # [L, batch, S, kv, hd]
+    return out
 
 
 def make_model(cfg: DbrxConfig) -> Dbrx:

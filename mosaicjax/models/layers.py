@@ -1,4 +1,4 @@
-"""Dense building blocks shared by the decoder models: LayerNorm, RoPE, masked GQA attention.
+"""Dense building blocks shared by the decoder models: LayerNorm, RoPE, masked GQA attention (with a KV cache).
 
 Numerics follow transformers' DBRX (the parity reference): bias-free LayerNorm computed in float32,
 NeoX-style ("rotate_half") rotary embeddings, softmax scale 1/sqrt(head_dim), softmax in float32.
@@ -136,6 +136,47 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                                         implementation=None if impl == 'auto' else impl)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                     new_mask: jax.Array, cache_mask: jax.Array) -> jax.Array:
+    """GQA attention of new tokens over a KV cache plus themselves, without concatenating the cache.
+
+    The cache is read once and never copied: scores against the cached keys and against the new keys are
+    computed separately, normalised by one joint softmax and the two value sums added. (Concatenating
+    [cache; new] keys first would copy the whole layer cache every decode step.)
+
+    Args:
+      q: [batch, seq, heads, head_dim] new queries (RoPE applied).
+      k, v: [batch, seq, kv_heads, head_dim] the new tokens' keys (RoPE applied) / values.
+      cache_k, cache_v: [batch, cache_len, kv_heads, head_dim] the layer's cache before the new tokens.
+      new_mask: bool [batch, 1, seq, seq]; True where new query t may attend new key s (causal).
+      cache_mask: bool [batch, 1, seq, cache_len]; True where query t may attend cached slot s.
+    Returns:
+      [batch, seq, heads, head_dim] in q's dtype.
+
+    Every query must see at least itself (new_mask diagonal True) so no softmax row is empty.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    g = n // kv
+    scale = 1.0 / float(np.sqrt(h))
+    qg = q.reshape(b, t, kv, g, h)  # [batch, seq, kv_heads, group, head_dim]; head i uses kv head i // g
+    neg = jnp.finfo(jnp.float32).min
+    s_cache = jnp.einsum('btkgh,bskh->bkgts', qg, cache_k.astype(q.dtype),
+                         preferred_element_type=jnp.float32) * scale  # [batch, kv, group, seq, cache_len]
+    s_new = jnp.einsum('btkgh,bskh->bkgts', qg, k,
+                       preferred_element_type=jnp.float32) * scale  # [batch, kv, group, seq, seq]
+    s_cache = jnp.where(cache_mask[:, :, None], s_cache, neg)
+    s_new = jnp.where(new_mask[:, :, None], s_new, neg)
+    m = jnp.maximum(jnp.max(s_cache, axis=-1, keepdims=True),
+                    jnp.max(s_new, axis=-1, keepdims=True))  # [batch, kv, group, seq, 1]
+    p_cache = jnp.exp(s_cache - m)  # [batch, kv, group, seq, cache_len]; masked entries underflow to 0
+    p_new = jnp.exp(s_new - m)  # [batch, kv, group, seq, seq]
+    denom = jnp.sum(p_cache, axis=-1, keepdims=True) + jnp.sum(p_new, axis=-1, keepdims=True)
+    out = (jnp.einsum('bkgts,bskh->btkgh', (p_cache / denom).astype(v.dtype), cache_v.astype(v.dtype))
+           + jnp.einsum('bkgts,bskh->btkgh', (p_new / denom).astype(v.dtype), v))  # [b, seq, kv, group, hd]
+    return out.reshape(b, t, n, h)  # [batch, seq, heads, head_dim]
+
+
 class Attention(nn.Module):
     """DBRX attention: fused Wqkv, optional clamp, RoPE, GQA, causal+segment mask, out_proj.
 
@@ -155,10 +196,18 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_mask: jax.Array | None = None,
+                 return_kv: bool = False):
         """x [batch, seq, d_model] -> [batch, seq, d_model].
 
         cos/sin come from rope_cos_sin, mask from make_attention_mask.
+
+        Decoding (KV cache): with `kv_cache` = (cache_k, cache_v) [batch, cache_len, kv_heads, head_dim], the
+        new tokens attend to the cached slots allowed by `cache_mask` [batch, 1, seq, cache_len] and to each
+        other as `mask` allows (see cached_attention). With `return_kv` (implied by kv_cache) the result is
+        (out, (k, v)) where k, v [batch, seq, kv_heads, head_dim] are the new tokens' keys (RoPE applied) and
+        values: the caller writes them into its cache. Only kv heads are cached (GQA).
         """
         b, t, _ = x.shape
         hd = self.d_model // self.n_heads
@@ -178,9 +227,15 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        o = attention(q, k, v, mask, impl=self.impl)  # [batch, seq, heads, head_dim]
+        if kv_cache is None:
+            o = attention(q, k, v, mask, impl=self.impl)  # [batch, seq, heads, head_dim]
+        else:
+            o = cached_attention(q, k, v, kv_cache[0], kv_cache[1], mask, cache_mask)  # [b, seq, heads, hd]
         o = nn.with_logical_constraint(o, ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
         o = o.reshape(b, t, self.d_model)  # [batch, seq, heads*head_dim]
-        return nn.Dense(self.d_model, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=nn.with_logical_partitioning(init, ('heads', 'embed')),
-                        name='out_proj')(o)  # [batch, seq, d_model]
+        out = nn.Dense(self.d_model, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=nn.with_logical_partitioning(init, ('heads', 'embed')),
+                       name='out_proj')(o)  # [batch, seq, d_model]
+        if kv_cache is None and not return_kv:
+            return out
+        return out, (k, v)

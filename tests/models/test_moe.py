@@ -43,6 +43,8 @@ def _np_moe(x, w1, v1, w2, top_w, top_idx):
 DROPLESS = {
     'sorted': moe.dispatch_sorted,
     'sorted_bs3': functools.partial(moe.dispatch_sorted, block_size=3),  # odd size, many blocks
+    'blocked': moe.dispatch_blocked,
+    'blocked_bs3': functools.partial(moe.dispatch_blocked, block_size=3),
     'ragged': moe.dispatch_ragged,
     # Enough capacity for every assignment: must then equal the dropless result exactly.
     'capacity_nodrop': functools.partial(moe.dispatch_capacity, capacity_factor=100.0),
@@ -184,7 +186,7 @@ def test_router_aux_losses():
     assert float(moe.router_aux(uni, jax.nn.softmax(uni), idx)['lb_loss']) == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize('dispatch', ['loop', 'sorted', 'ragged', 'capacity'])
+@pytest.mark.parametrize('dispatch', ['loop', 'sorted', 'blocked', 'ragged', 'capacity'])
 def test_experts_module_hf_layout_and_dispatch(dispatch):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, D)), jnp.float32)
     top_w, top_idx = _routing(12, 4, 2)
@@ -203,8 +205,8 @@ def test_experts_module_hf_layout_and_dispatch(dispatch):
     assert float(dropped) == 0.0
 
 
-def test_auto_dispatch_is_sorted_on_cpu():
-    assert moe.resolve_dispatch('auto') == ('sorted' if jax.default_backend() == 'cpu' else 'ragged')
+def test_auto_dispatch_is_blocked_on_cpu():
+    assert moe.resolve_dispatch('auto') == ('blocked' if jax.default_backend() == 'cpu' else 'ragged')
     with pytest.raises(ValueError):
         moe.resolve_dispatch('nope')
 
@@ -213,3 +215,17 @@ def test_default_block_size():
     assert moe.default_block_size(64, 4) == 8
     assert moe.default_block_size(4096 * 4, 16) == 256
     assert moe.default_block_size(10 ** 7, 16) == 512
+    assert moe.blocked_block_size(4096, 8) == 64
+    assert moe.blocked_block_size(64, 4) == 16
+    assert moe.blocked_block_size(10 ** 7, 16) == 512
+
+
+def test_blocked_bf16_matches_float32_reference():
+    # bf16 compute: weight gradients accumulate over blocks in float32, outputs stay close to the f32 result.
+    (x, ws, top_w, top_idx), y_ref, g_ref = _case(32, 4, 2, 0.0)
+    bf = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
+    (_, y), g = _grad(functools.partial(moe.dispatch_blocked, block_size=3), top_idx, bf(x), *map(bf, ws), top_w)
+    assert y.dtype == jnp.float32 and g[1].dtype == jnp.bfloat16
+    np.testing.assert_allclose(y, y_ref, rtol=0.05, atol=0.05)
+    for gr, gg in zip(g_ref[:4], g[:4]):
+        np.testing.assert_allclose(np.asarray(gg, np.float32), gr, rtol=0.05, atol=0.05 * float(np.abs(gr).max()))
