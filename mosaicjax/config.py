@@ -26,6 +26,9 @@ _CONFIGURABLE_MODULES = (
     "mosaicjax.trainer.optimizer",
     "mosaicjax.trainer.checkpointing",
     "mosaicjax.trainer.metrics",
+    "mosaicjax.data.images",  # image task (issue 5): image_data, diffusion, image
+    "mosaicjax.diffusion.training",
+    "mosaicjax.trainer.tasks.image",
 )
 
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")

@@ -280,12 +280,47 @@ def load_image_checkpoint(path: str, dtype: str | None = None) -> ImageModel:
     return ImageModel(meta["model_index"], configs, _cast(params, dtype), path, meta.get("source") or path)
 
 
+TRAINING_KIND = "image_training"
+
+
+def is_training_workdir(path: str) -> bool:
+    """A `train.task='image'` workdir (mosaicjax.json kind 'image_training', written by the image task)."""
+    meta = read_meta(path)
+    return bool(meta) and meta.get("kind") == TRAINING_KIND
+
+
+def load_training_workdir(path: str, dtype: str | None = None, step: int | None = None,
+                          use_ema: bool = True) -> ImageModel:
+    """The newest (or `step`) checkpoint of an image training workdir: trained components' EMA weights
+    (raw weights with use_ema=False) plus the frozen ones, with the configs/tokenizers under WORKDIR/model/."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    path = os.path.abspath(path)
+    model_dir = os.path.join(path, "model")
+    model_index = _read_json(os.path.join(model_dir, "model_index.json"))
+    configs = {n: _read_json(os.path.join(model_dir, n, "config.json")) for n in _components(model_index)}
+    manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint under checkpoints/")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+    manager.close()
+    params = {n: jax.tree.map(np.asarray, v) for n, v in dict(restored["frozen"]).items()}
+    trained = restored["ema"] if use_ema else restored["params"]
+    params.update({n: jax.tree.map(np.asarray, v) for n, v in dict(trained).items()})
+    params = {n: params[n] for n in configs}
+    return ImageModel(model_index, configs, _cast(params, _check_dtype(dtype)), model_dir,
+                      f"{path} (step {step}{', EMA' if use_ema else ''})")
+
+
 def load_image_model(path: str, dtype: str | None = None) -> ImageModel:
-    """A diffusers folder or a mosaicjax image checkpoint."""
+    """A diffusers folder, a mosaicjax image checkpoint or an image training workdir (its newest checkpoint)."""
     path = os.fspath(path)
     if os.path.isfile(path):
         raise ValueError(f"{path} is a file; give a diffusers folder (with model_index.json) or a mosaicjax "
                          "image checkpoint folder (single-file .safetensors/.ckpt checkpoints are not supported)")
+    if is_training_workdir(path):
+        return load_training_workdir(path, dtype)
     if is_image_checkpoint(path):
         return load_image_checkpoint(path, dtype)
     if is_diffusers_folder(path):

@@ -9,6 +9,8 @@ import gin
 @gin.configurable("train")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    # What to train: 'lm' (DBRX on packed text) or 'image' (latent diffusion; see mosaicjax/trainer/tasks/).
+    task: str = "lm"
     # Optimizer steps to run in total (a resumed run stops at the same step an uninterrupted one would).
     num_steps: int = 1000
     # Write metrics.jsonl / TensorBoard and print a progress line every this many steps.

@@ -14,6 +14,16 @@ REQUIRED = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu
             "seq_len")
 
 
+def _assert_same_trajectory(got, ref, first):
+    """Sharded and single-device runs agree to float rounding (~1e-7 relative here) step after step, until the
+    rounding differences tip a near-tied top-k routing choice of some token: from then on the runs are two slightly
+    different trainings (measured: identical to 3e-7 up to step 21, then 1e-4-level differences). So: tight for the
+    first 10 steps, close for the rest."""
+    for step in range(first, 31):
+        tight = step < first + 10
+        assert got[step] == pytest.approx(ref[step], rel=1e-5 if tight else 2e-3), step
+
+
 @pytest.fixture(scope="module")
 def reference_run(tiny_corpus, tmp_path_factory):
     """An uninterrupted 30-step run every resume test compares against, step by step."""
@@ -100,8 +110,7 @@ def test_restore_onto_a_different_mesh(reference_run, tiny_corpus, tmp_path):
     assert "resumed from" in proc.stderr
     got = losses(tmp_path)
     assert sorted(got) == list(range(1, 31))
-    for step in range(11, 31):
-        assert got[step] == pytest.approx(ref[step], rel=2e-4, abs=2e-4), step
+    _assert_same_trajectory(got, ref, first=11)
 
 
 def test_eight_devices_match_one_device(reference_run, tiny_corpus, tmp_path):
@@ -110,8 +119,7 @@ def test_eight_devices_match_one_device(reference_run, tiny_corpus, tmp_path):
     run_cli(tmp_path, eight, devices=8)
     got = losses(tmp_path)
     assert sorted(got) == sorted(ref)
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=2e-4, abs=2e-4), step
+    _assert_same_trajectory(got, ref, first=1)
 
 
 @pytest.mark.parametrize("binding, devices, fragment", [
