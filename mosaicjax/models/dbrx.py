@@ -281,7 +281,7 @@ class Dbrx(nn.Module):
         x = layers.LayerNorm(cfg.layer_norm_eps, dt, pdt, name='norm_f')(x)
         logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
                           kernel_init=nn.with_logical_partitioning(init, ('embed', 'vocab')),
-                          name='lm_head')(x)  # [batch, seq, vocab]
+                          dot_general=layers.dense_dot_general, name='lm_head')(x)  # [batch, seq, vocab]
         logits = nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
         out_aux = {
             'moe_lb_loss': jnp.mean(aux['lb_loss']),
