@@ -107,6 +107,9 @@ def train(workdir: str) -> dict[str, Any]:
     print(f"training {train_cfg.num_steps} steps from step {start_step} on {num_devices} device(s), mesh "
           f"{dict(mesh.shape)}; compiled in {compile_sec:.1f}s", file=sys.stderr, flush=True)
 
+    if start_step >= train_cfg.num_steps and is_primary:
+        print(f"nothing to do: the run in {workdir} is complete at step {start_step} (train.num_steps="
+              f"{train_cfg.num_steps}); its metrics are in metrics.jsonl", file=sys.stderr, flush=True)
     last: dict[str, Any] = {}
     step = start_step
     interval_start, interval_steps = time.perf_counter(), 0
