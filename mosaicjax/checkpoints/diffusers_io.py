@@ -33,7 +33,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-META_NAME = "mosaicjax.json"
+from mosaicjax.checkpoints.meta import META_NAME, read_meta  # noqa: F401  (the image task uses these names here)
+
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 KIND = "image"
@@ -95,14 +96,6 @@ class ImageModel:
 
 def is_diffusers_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_index.json"))
-
-
-def read_meta(path: str) -> dict | None:
-    meta_path = os.path.join(path, META_NAME)
-    if not os.path.isfile(meta_path):
-        return None
-    with open(meta_path) as f:
-        return json.load(f)
 
 
 def is_image_checkpoint(path: str) -> bool:

@@ -16,18 +16,10 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-META_NAME = 'mosaicjax.json'
+from mosaicjax.checkpoints.meta import META_NAME, read_meta  # noqa: F401  (loaders use these names here)
+
 PARAMS_DIR = 'params'
 FORMAT_VERSION = 1
-
-
-def read_meta(path: str) -> dict | None:
-    """mosaicjax.json of `path`, or None when `path` is not a mosaicjax checkpoint."""
-    meta_path = os.path.join(path, META_NAME)
-    if not os.path.isfile(meta_path):
-        return None
-    with open(meta_path) as f:
-        return json.load(f)
 
 
 def is_lm_checkpoint(path: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -99,7 +100,8 @@ class SentencePieceTokenizer(Tokenizer):
         return out
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by ByteLevel BPE vocabularies."""
     # Printable bytes map to themselves; the rest to chr(256 + k) in byte order.
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -178,7 +180,7 @@ class HFTokenizer(Tokenizer):
         # Otherwise tokens are text: SP-style '<0xNN>' byte pieces, '▁' for a space (Metaspace), WordPiece '##'.
         byte_level = "ByteLevel" in (_component_types(self._spec.get("decoder"))
                                       | _component_types(self._spec.get("pre_tokenizer")))
-        char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
         special_ids = set(self._special.values())
         # Non-special added tokens match raw text: their content is the text itself, not byte-mapped.
         added = {int(t["id"]): t["content"] for t in self._spec.get("added_tokens") or [] if not t.get("special")}
