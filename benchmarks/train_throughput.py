@@ -82,7 +82,7 @@ def _time(step, n_warmup, n_steps, profile_dir=None):
         step()
     if profile_dir:
         import jax  # pylint: disable=import-outside-toplevel
-        jax.profiler.start_trace(profile_dir)
+        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
     walls, cpus = [], []
     for _ in range(n_steps):
         t0, c0 = time.perf_counter(), time.process_time()

@@ -61,7 +61,7 @@ class DbrxConfig:
     router_z_loss_weight: float = 0.0  # weight the trainer puts on aux['router_z_loss']
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon (torch default, as in the HF model)
     initializer_range: float = 0.02  # stddev of every normal initialiser (HF initializer_range)
-    attention_impl: str = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'einsum' (see models/layers.py)
+    attention_impl: str = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'einsum' | 'chunked' (see models/layers.py)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:

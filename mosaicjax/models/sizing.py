@@ -23,7 +23,7 @@ H/KV = query/kv heads, hd = head_dim, E/k = experts/top-k, f = ffn_hidden_size, 
              + a * k * (2f + d)                                w1 and v1 outputs and w2 output, per routed copy
         ew   = a * (4d + k * (f + d) + (H + KV) * hd / t)      norms, residual sums, GLU product, gathered expert
                                                                inputs, rotated q and k
-        core = (H / t) * T * (4 + a) when attention materialises its scores (any attention_impl but 'cudnn':
+        core = (H / t) * T * (4 + a) when attention materialises its scores (any attention_impl but 'cudnn', 'chunked':
                float32 scores and probabilities per query), else 4 * H / t (flash attention's row statistics)
       saved per layer for the backward pass, by DbrxConfig.remat:
         'full' a * d (the block input: the scan carry)
@@ -175,9 +175,9 @@ def _optimizer_bytes(tx: optax.GradientTransformation, params: Sequence[ParamInf
 
 
 def attention_materialized(cfg: dbrx.DbrxConfig) -> bool:
-    """Whether attention keeps [heads, T, T] scores: every impl but cuDNN flash attention (conservative on GPU,
-    where 'auto' may pick cuDNN)."""
-    return cfg.attention_impl != 'cudnn'
+    """Whether attention keeps [heads, T, T] scores: every impl but cuDNN flash attention and 'chunked' (which
+    saves only the output and row statistics); conservative for 'auto', which may pick either."""
+    return cfg.attention_impl not in ('cudnn', 'chunked')
 
 
 def activation_bytes(cfg: dbrx.DbrxConfig, mesh_sizes: Mapping[str, int], *, micro_batch: int, seq_len: int,

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosaicjax.models import image_attention
 from mosaicjax.models.unet_config import (ATTENTION_IMPLS, DOWN_BLOCK_TYPES, MID_BLOCK_TYPES,  # noqa: F401
                                           REMAT_POLICIES, UP_BLOCK_TYPES, BlockSpec, UNetConfig)
 
@@ -187,21 +188,7 @@ class ResnetBlock2D(nn.Module):
         return nn.with_logical_constraint(out, IMG_AXES)
 
 
-def attention(q, k, v, scale: float, impl: str = 'auto') -> jax.Array:
-    """Unmasked multi-head attention, q [batch, seq_q, heads, head_dim], k/v [batch, seq_k, heads, head_dim].
-
-    impl 'auto': cuDNN's fused (flash) kernel on GPU for bf16/fp16 when it accepts the shapes (checked at
-    trace time; e.g. head_dim <= 128), else XLA's implementation (float32 logits and softmax).
-    jax.nn.dot_product_attention's own default is always XLA, hence the explicit choice here.
-    """
-    if impl == 'auto':
-        if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:
-                return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
-            except (ValueError, NotImplementedError, RuntimeError):  # shapes/GPUs the kernel does not cover
-                pass
-        impl = 'xla'
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+attention = image_attention.attention  # kept importable from here (tests, benchmarks)
 
 
 class Attention(nn.Module):

@@ -14,7 +14,7 @@ import gin
 import jax.numpy as jnp
 
 REMAT_POLICIES = ('none', 'full', 'dots')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'chunked')
 DOWN_BLOCK_TYPES = ('CrossAttnDownBlock2D', 'DownBlock2D')
 UP_BLOCK_TYPES = ('CrossAttnUpBlock2D', 'UpBlock2D')
 MID_BLOCK_TYPES = ('UNetMidBlock2DCrossAttn', None)
@@ -86,7 +86,7 @@ class UNetConfig:
     dtype: str = 'float32'  # compute dtype ('bfloat16': bf16 convs/matmuls over float32 params)
     param_dtype: str = 'float32'  # parameter storage dtype
     remat: str = 'none'  # rematerialise every ResnetBlock2D / BasicTransformerBlock: 'none' | 'full' | 'dots'
-    attention_impl: str = 'auto'  # jax.nn.dot_product_attention implementation: 'auto' | 'xla' | 'cudnn'
+    attention_impl: str = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'chunked' (models/unet.py attention())
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mosaicjax.models import image_attention
+
 _ACT = ('act_batch', 'act_height', 'act_width', 'act_channels')
 
 
@@ -57,6 +59,7 @@ class VAEConfig:
       mid_block_add_attention: self-attention in the mid blocks.
       dtype: compute dtype; GroupNorm statistics and the attention softmax are float32 regardless.
       param_dtype: parameter dtype.
+      attention_impl: the mid-block attention's implementation (models/image_attention.py; 'auto' per backend).
     """
     in_channels: int = 3
     out_channels: int = 3
@@ -78,6 +81,7 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     dtype: str = 'float32'
     param_dtype: str = 'float32'
+    attention_impl: str = 'auto'
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -182,10 +186,9 @@ class AttentionBlock(_Ctx):
 
         h = self.norm('group_norm')(x).reshape(b, hh * ww, c)  # [batch, pixels, channels]
         q, k, v = dense('to_q')(h), dense('to_k')(h), dense('to_v')(h)
-        logits = jnp.einsum('bqc,bkc->bqk', q, k,
-                            preferred_element_type=jnp.float32) * c ** -0.5  # [batch, pixels, pixels]
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum('bqk,bkc->bqc', probs, v)  # [batch, pixels, channels]
+        heads = lambda a: a.reshape(b, hh * ww, 1, c)  # noqa: E731  # [batch, pixels, 1 head, channels]
+        out = image_attention.attention(heads(q), heads(k), heads(v), c ** -0.5, cfg.attention_impl)
+        out = out.reshape(b, hh * ww, c)  # [batch, pixels, channels]
         out = dense('to_out_0')(out).reshape(b, hh, ww, c)  # [batch, h, w, channels]
         return x + out
 
