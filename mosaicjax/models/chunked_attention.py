@@ -52,7 +52,10 @@ def _unchunk(a):
 
 def _logits(qg, k, mask, scale):
     """qg [b, c, kv, g, h], k [b, s, kv, h], mask bool [b, c, s] or None -> f32 [b, kv, g, c, s]."""
-    logits = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32) * scale
+    # Scaling q ([c, h] per head) rather than the scores ([c, s]): the elementwise passes over the score tile,
+    # not the matmuls, are what this attention's time goes to on CPU.
+    qg = qg * jnp.asarray(scale, qg.dtype)
+    logits = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32)
     if mask is not None:
         logits = jnp.where(mask[:, None, None], logits, _NEG)
     return logits
@@ -103,9 +106,12 @@ def _backward(scale, chunk, res, do):
         p = jnp.exp(_logits(qg, k, mc, scale) - lsec[..., None])  # [b, kv, g, c, s]
         dp = jnp.einsum('btkgh,bskh->bkgts', dog, v, preferred_element_type=f32)  # [b, kv, g, c, s]
         rowsum = jnp.sum(dog.astype(f32) * _grouped(oc, kv).astype(f32), axis=-1)  # [b, c, kv, g]
-        ds = p * (dp - jnp.transpose(rowsum, (0, 2, 3, 1))[..., None]) * scale  # [b, kv, g, c, s]
-        dq = jnp.einsum('bkgts,bskh->btkgh', ds.astype(k.dtype), k, preferred_element_type=f32)  # [b, c, kv, g, h]
-        dk = dk + jnp.einsum('bkgts,btkgh->bskh', ds.astype(q.dtype), qg, preferred_element_type=f32)  # [b, s, kv, h]
+        ds = p * (dp - jnp.transpose(rowsum, (0, 2, 3, 1))[..., None])  # [b, kv, g, c, s]; d(logits)
+        # logits = (q * scale) k^T: the scale goes on the small [c, h] / [s, h] results, not on ds.
+        dq = jnp.einsum('bkgts,bskh->btkgh', ds.astype(k.dtype), k,
+                        preferred_element_type=f32) * scale  # [b, c, kv, g, h]
+        dk = dk + jnp.einsum('bkgts,btkgh->bskh', ds.astype(q.dtype), qg,
+                             preferred_element_type=f32) * scale  # [b, s, kv, h]
         dv = dv + jnp.einsum('bkgts,btkgh->bskh', p.astype(do.dtype), dog, preferred_element_type=f32)  # [b, s, kv, h]
         return (dk, dv), dq.reshape(qc.shape).astype(q.dtype)
 
