@@ -14,6 +14,9 @@ Two compiled programs per bucket (see kv_cache.py for the cache layout, right pa
       included) is donated and updated in place.
 Stop token ids and max_tokens end rows inside the loop. Stop strings need the tokenizer: with any in the
 batch the loop runs `stop_check_steps` tokens at a time and the host checks the new text in between.
+Top logprobs (OpenAI's top_logprobs): prefill(..., num_top=K) adds 'top_ids' / 'top_logprobs' [B, S, K] to the
+state, the K most likely tokens of each step's raw distribution, computed only while some live row asks for them
+(samp['n_top'] > 0), so serving pays for the top-k only when a request wants it.
 
 Finished rows keep computing (their outputs are frozen) until the whole batch is done; the server's
 continuous batching will instead refill their slots.
@@ -122,27 +125,49 @@ class Generator:
         self.model = dbrx.Dbrx(config)
         # Incremented while tracing only, i.e. once per compiled program: tests assert no recompilation.
         self.trace_counts: collections.Counter = collections.Counter()
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=('cache_len',))
-        self._decode = jax.jit(self._decode_impl, donate_argnames=('state',))
+        # The compiled programs, a public lower-level API (the serving engine drives them itself):
+        #   prefill(params, tokens [B, P], lengths [B], active [B], samp, cache_len=S, num_top=0) -> state
+        #   decode(params, state, samp, n_steps) -> state (state donated; updated in place)
+        # Call both under context(). state: {'cache': {'k','v'} [L, B, S, kv, hd], 'cur', 'pos', 'n_gen',
+        # 'done', 'finish' [B], 'tokens', 'logprobs' [B, S]} (+ 'top_ids', 'top_logprobs' [B, S, K] when
+        # num_top = K > 0); finish codes 0 running, 1 stop token, 2 length. samp: {'seed' uint32,
+        # 'temperature' f32, 'top_k' i32, 'top_p' f32, 'max_tokens' i32 [B], 'stop_ids' i32 [B, n] (-1 = none)}
+        # and, with num_top, 'n_top' i32 [B] (rows wanting top logprobs; > 0 switches the top-k on).
+        self.prefill = jax.jit(self._prefill_impl, static_argnames=('cache_len', 'num_top'))
+        self.decode = jax.jit(self._decode_impl, donate_argnames=('state',))
 
     # ------------------------------------------------------------------------------------------------------
     # Compiled programs
 
-    def _finish(self, state, tok, lp, live, samp):
-        """Records token tok/lp for live rows and ends rows that hit a stop id or max_tokens."""
+    def _finish(self, state, tok, lp, live, samp, top=None):
+        """Records token tok/lp (and top = (ids, logprobs) [batch, K]) for live rows; ends rows that hit a stop
+        id or max_tokens."""
         b, g = state['tokens'].shape
         rows = jnp.arange(b)
         slot = jnp.where(live, state['n_gen'], g)  # [batch]; g = out of bounds: dropped
         tokens = state['tokens'].at[rows, slot].set(tok, mode='drop')  # [batch, G]
         logprobs = state['logprobs'].at[rows, slot].set(lp, mode='drop')  # [batch, G]
+        extra = {}
+        if top is not None:
+            extra['top_ids'] = state['top_ids'].at[rows, slot].set(top[0], mode='drop')  # [batch, G, K]
+            extra['top_logprobs'] = state['top_logprobs'].at[rows, slot].set(top[1], mode='drop')
         n_gen = state['n_gen'] + live.astype(jnp.int32)
         hit_stop = jnp.any(tok[:, None] == samp['stop_ids'], axis=-1) & live  # [batch]
         hit_len = (n_gen >= samp['max_tokens']) & live & ~hit_stop
         finish = jnp.where(hit_stop, _STOP_TOKEN, jnp.where(hit_len, _LENGTH, state['finish']))
-        return dict(state, tokens=tokens, logprobs=logprobs, n_gen=n_gen, finish=finish,
+        return dict(state, tokens=tokens, logprobs=logprobs, n_gen=n_gen, finish=finish, **extra,
                     done=state['done'] | hit_stop | hit_len, cur=jnp.where(live, tok, state['cur']))
 
-    def _prefill_impl(self, params, tokens, lengths, active, samp, *, cache_len):
+    def _top(self, logits, live, samp, k):
+        """(ids int32, logprobs f32) [batch, k] of the raw distribution, or zeros when no live row wants them."""
+        if not k:
+            return None
+        b = logits.shape[0]
+        want = jnp.any((samp['n_top'] > 0) & live) if 'n_top' in samp else False
+        return jax.lax.cond(want, lambda x: sampling_lib.top_logprobs(x, k, self.vocab_limit),
+                            lambda x: (jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)), logits)
+
+    def _prefill_impl(self, params, tokens, lengths, active, samp, *, cache_len, num_top=0):
         """tokens int32 [B, P] right-padded, lengths int32 [B] (>= 1), active bool [B] (False: batch padding)."""
         self.trace_counts['prefill'] += 1
         b, p = tokens.shape
@@ -162,7 +187,10 @@ class Generator:
             'done': ~active,
             'finish': jnp.zeros((b,), jnp.int32),
         }
-        return self._finish(state, tok, lp, active, samp)
+        if num_top:
+            state['top_ids'] = jnp.zeros((b, cache_len, num_top), jnp.int32)
+            state['top_logprobs'] = jnp.zeros((b, cache_len, num_top), jnp.float32)
+        return self._finish(state, tok, lp, active, samp, self._top(logits[:, 0], active, samp, num_top))
 
     def _decode_impl(self, params, state, samp, n_steps):
         """Up to n_steps (traced int32) single-token steps; stops early when every row is done."""
@@ -180,36 +208,29 @@ class Generator:
             # The drawn token's position is one past the slot just written.
             tok, lp = sampling_lib.sample(logits[:, 0], samp['seed'], st['pos'] + 1, samp['temperature'],
                                           samp['top_k'], samp['top_p'], self.vocab_limit)
+            top = self._top(logits[:, 0], live, samp, st['top_ids'].shape[-1] if 'top_ids' in st else 0)
             st = dict(st, cache=aux['kv_cache'], pos=st['pos'] + live.astype(jnp.int32))
-            return i + 1, self._finish(st, tok, lp, live, samp)
+            return i + 1, self._finish(st, tok, lp, live, samp, top)
 
         _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
         return state
 
-    def _context(self):
+    def context(self):
+        """The mesh/rules context prefill and decode must be traced and called under (a no-op without a mesh)."""
         if self.mesh is None:
             return contextlib.nullcontext()
         from mosaicjax.parallel import rules as rules_lib  # pylint: disable=import-outside-toplevel
         return rules_lib.activate(self.mesh, self.rules if self.rules is not None else rules_lib.get_rules())
 
-    # The compiled programs as a public, lower-level API (a continuous-batching server drives these itself):
-    #   prefill(params, tokens [B, P], lengths [B], active [B], samp, cache_len=S) -> state
-    #   decode(params, state, samp, n_steps) -> state (state donated)
-    #   context() -> the mesh/rules context both must be called under
-    # state: {'cache': {'k','v'} [L, B, S, kv, hd], 'cur', 'pos', 'n_gen', 'done', 'finish' [B],
-    #         'tokens', 'logprobs' [B, S]}; finish codes 0 running, 1 stop token, 2 length.
-    # samp: {'seed' uint32, 'temperature' f32, 'top_k' i32, 'top_p' f32, 'max_tokens' i32 [B],
-    #        'stop_ids' i32 [B, n] (-1 = none)}.
-    @property
-    def prefill(self):
-        return self._prefill
-
-    @property
-    def decode(self):
-        return self._decode
-
-    def context(self):
-        return self._context()
+    def init_state(self, samp: dict, cache_len: int, num_top: int = 0) -> dict:
+        """An all-done decode state for len(samp['seed']) rows (shapes from prefill's, nothing computed):
+        what a continuous-batching server scatters prefilled rows into."""
+        b = samp['seed'].shape[0]
+        shapes = jax.eval_shape(lambda: self.prefill(self.params, np.zeros((b, 1), np.int32), np.ones((b,), np.int32),
+                                                     np.zeros((b,), bool), samp, cache_len=cache_len, num_top=num_top))
+        state = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype)), shapes)
+        state['done'] = jax.device_put(np.ones((b,), bool))
+        return state
 
     # ------------------------------------------------------------------------------------------------------
     # Host side
@@ -268,8 +289,8 @@ class Generator:
             'stop_ids': stop_ids,
         }
         active = np.arange(b) < n
-        with self._context():
-            state = self._prefill(self.params, tokens, lengths, active, samp, cache_len=cache_len)
+        with self.context():
+            state = self.prefill(self.params, tokens, lengths, active, samp, cache_len=cache_len)
             string_stops = [s.stop for s in params]
             checked = np.zeros((n,), np.int64)  # tokens of each row already searched for stop strings
             matched: dict[int, tuple[str, int, str]] = {}  # row -> (stop string, tokens kept, text)
@@ -294,7 +315,7 @@ class Generator:
                 steps = int(np.max((max_tokens - host['n_gen'])[live]))
                 if any(string_stops):
                     steps = min(steps, self.stop_check_steps)
-                state = self._decode(self.params, state, samp, np.int32(steps))
+                state = self.decode(self.params, state, samp, np.int32(steps))
         final = jax.device_get({k: state[k] for k in ('tokens', 'logprobs', 'n_gen', 'finish')})
         return [self._completion(r, prompts[r], final, matched.get(r)) for r in range(n)]
 

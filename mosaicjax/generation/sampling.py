@@ -82,3 +82,17 @@ def sample(logits: jax.Array, seeds: jax.Array, positions: jax.Array, temperatur
     tokens = jax.lax.cond(jnp.all(greedy), lambda _: greedy_tok, draw, None)
     logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]  # [batch]
     return tokens, logprobs
+
+
+def top_logprobs(logits: jax.Array, k: int, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The k most likely tokens of the raw model distribution (OpenAI's top_logprobs).
+
+    logits f32 [batch, vocab] -> (ids int32 [batch, k], log_softmax values f32 [batch, k]), best first; ids >=
+    vocab_limit (lm_head padding) are never listed.
+    """
+    logprobs_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, vocab]
+    v = logits.shape[-1]
+    if vocab_limit is not None and vocab_limit < v:
+        logprobs_all = jnp.where(jnp.arange(v)[None, :] < vocab_limit, logprobs_all, _NEG_INF)
+    values, ids = jax.lax.top_k(logprobs_all, k)  # [batch, k]
+    return ids.astype(jnp.int32), values

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from mosaicjax.models import expert_parallel
 from mosaicjax.models import layers
 from mosaicjax.models import moe
+from mosaicjax.models import quantize as quantize_lib
 
 REMAT_POLICIES = ('none', 'full', 'dots')
 
@@ -62,6 +63,9 @@ class DbrxConfig:
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon (torch default, as in the HF model)
     initializer_range: float = 0.02  # stddev of every normal initialiser (HF initializer_range)
     attention_impl: str = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'einsum' | 'chunked' (see models/layers.py)
+    # Inference only: 'int8' stores the matmul weights (Wqkv, out_proj, experts, lm_head) as int8 with per-output-
+    # channel scales (models/quantize.py; quantize_params converts a float tree). 'none': float weights.
+    quantize: str = 'none'
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -78,6 +82,8 @@ class DbrxConfig:
             raise ValueError(f'moe_dispatch={self.moe_dispatch!r}; expected one of {moe.DISPATCH_STRATEGIES}')
         if self.attention_impl not in layers.ATTENTION_IMPLS:
             raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of {layers.ATTENTION_IMPLS}')
+        if self.quantize not in quantize_lib.QUANTIZE_MODES:
+            raise ValueError(f'quantize={self.quantize!r}; expected one of {quantize_lib.QUANTIZE_MODES}')
         for name in ('dtype', 'param_dtype'):
             jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
 
@@ -105,28 +111,35 @@ class DbrxConfig:
         return hf_dbrx.config_to_hf(self)
 
 
-def gather_experts(x, w1, v1, w2, layer, top_w, top_idx, num_experts: int):
+def gather_experts(x, experts_w, layer, top_w, top_idx, num_experts: int):
     """Dropless MoE for a handful of tokens (decoding): reads only the k experts each token uses.
 
-    x [N, D]; w1, v1, w2: the HF-layout expert weights of every layer, [L, E*F, D] (x @ w1_e.T, h @ w2_e);
-    layer: int32 scalar, the layer to use; top_w f32 [N, k]; top_idx int [N, k] -> f32 [N, D].
+    x [N, D]; experts_w: the HF-layout expert weights of every layer, {'w1', 'v1', 'w2'} [L, E*F, D]
+    (x @ w1_e.T, h @ w2_e), plus their scales when int8 (models/quantize.py: only the gathered rows are converted,
+    the scales multiply the products); layer: int32 scalar, the layer to use; top_w f32 [N, k];
+    top_idx int [N, k] -> f32 [N, D].
     The rows of expert (layer, e) are gathered straight from the stacked parameter: slicing the layer out
     first (what nn.scan does to block params) would copy all E experts of the layer every step, and the
     blocked 'sorted' dispatch reads ~E experts for one token. The right trade while N*k <= E.
     """
     n, k = top_idx.shape
-    lyr, ef, d = w1.shape
-    f = ef // num_experts
-    idx = layer * num_experts + top_idx  # [N, k] rows of the [L*E, F, D] view
-    g1, g2, g3 = (w.reshape(lyr * num_experts, f, d)[idx].astype(x.dtype).reshape(n, k * f, d)
-                  for w in (w1, v1, w2))  # each [N, k*F, D]
-    h = (jax.nn.silu(jnp.einsum('nmd,nd->nm', g1, x))
-         * jnp.einsum('nmd,nd->nm', g2, x))  # [N, k*F]: one matrix-vector product per token
+    (g1, g2, g3), scales = quantize_lib.gathered_expert_rows(experts_w, layer, top_idx, num_experts,
+                                                             x.dtype)  # each [N, k, F, D]
+    f, d = g1.shape[2], g1.shape[3]
+    g1, g2 = g1.reshape(n, k * f, d), g2.reshape(n, k * f, d)  # [N, k*F, D]
+    h1 = jnp.einsum('nmd,nd->nm', g1, x, preferred_element_type=jnp.float32)  # [N, k*F]: a matvec per token
+    h2 = jnp.einsum('nmd,nd->nm', g2, x, preferred_element_type=jnp.float32)  # [N, k*F]
+    if scales is not None:  # per-output-channel scales of w1 / v1: one per row
+        h1, h2 = h1 * scales[0].reshape(n, k * f), h2 * scales[1].reshape(n, k * f)
+    h = jax.nn.silu(h1.astype(x.dtype)) * h2.astype(x.dtype)  # [N, k*F]
     # Scaling h by the routing weight before w2 (linear) turns the k expert outputs and their weighted
     # sum into one product over the concatenated k*F rows.
     h = (h.reshape(n, k, f).astype(jnp.float32) * top_w[:, :, None].astype(jnp.float32))  # [N, k, F]
-    return jnp.einsum('nm,nmd->nd', h.reshape(n, k * f).astype(x.dtype), g3,
-                      preferred_element_type=jnp.float32)  # [N, D]
+    if scales is None:
+        return jnp.einsum('nm,nmd->nd', h.reshape(n, k * f).astype(x.dtype), g3.reshape(n, k * f, d),
+                          preferred_element_type=jnp.float32)  # [N, D]
+    y = jnp.einsum('nkf,nkfd->nkd', h.astype(x.dtype), g3, preferred_element_type=jnp.float32)  # [N, k, D]
+    return jnp.sum(y * scales[2], axis=1)  # w2's scales are per (expert, output column): [N, D]
 
 
 class DbrxBlock(nn.Module):
@@ -148,14 +161,14 @@ class DbrxBlock(nn.Module):
 
         Decoding: kv_cache = (k, v) [batch, cache_len, kv_heads, head_dim] (this layer's cache before these
         tokens) and cache_mask bool [batch, 1, seq, cache_len] (cached slots each token may attend to).
-        experts_w = {'w1', 'v1', 'w2'} [L', E*F, D] and layer (int32 index into L'): run the MoE with
+        experts_w = {'w1', 'v1', 'w2'} [L', E*F, D] (+ their scales when int8) and layer (int32 index into L'): run the MoE with
         gather_experts on these (the stacked expert params) instead of this block's own Experts."""
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.params_dtype
         act = ('act_batch', 'act_length', 'act_embed')
         h = layers.LayerNorm(cfg.layer_norm_eps, dt, pdt, name='norm_1')(x)
         h = layers.Attention(cfg.d_model, cfg.n_heads, cfg.kv_n_heads, cfg.clip_qkv, cfg.attention_impl,
-                             cfg.initializer_range, dt, pdt, name='attn')(
+                             cfg.initializer_range, dt, pdt, quantize=cfg.quantize, name='attn')(
                                  h, cos, sin, mask, kv_cache, cache_mask, self.return_kv)
         new_kv = None
         if kv_cache is not None or self.return_kv:
@@ -168,13 +181,13 @@ class DbrxBlock(nn.Module):
         e = cfg.moe_num_experts
         if experts_w is not None:
             b, t, d = h.shape
-            y = gather_experts(h.reshape(b * t, d), experts_w['w1'], experts_w['v1'], experts_w['w2'], layer,
-                               top_w.reshape(b * t, -1), top_idx.reshape(b * t, -1), e)  # [batch*seq, d]
+            y = gather_experts(h.reshape(b * t, d), experts_w, layer, top_w.reshape(b * t, -1),
+                               top_idx.reshape(b * t, -1), e)  # [batch*seq, d]
             y, dropped = y.astype(dt).reshape(b, t, d), jnp.zeros((), jnp.float32)
         else:
             y, dropped = moe.Experts(cfg.moe_num_experts, cfg.ffn_hidden_size, cfg.moe_dispatch,
                                      cfg.moe_capacity_factor, cfg.moe_block_size, cfg.initializer_range, dt, pdt,
-                                     name='experts')(h, top_w, top_idx, valid)  # [batch, seq, d]
+                                     quantize=cfg.quantize, name='experts')(h, top_w, top_idx, valid)  # [b, s, d]
         x = nn.with_logical_constraint(x + y, act)
         aux = moe.router_aux(logits.reshape(-1, e), probs.reshape(-1, e),
                              top_idx.reshape(-1, cfg.moe_top_k), valid.reshape(-1))
@@ -279,9 +292,9 @@ class Dbrx(nn.Module):
         if logits_index is not None:
             x = x[jnp.arange(b), logits_index.astype(jnp.int32)][:, None]  # [batch, 1, d]
         x = layers.LayerNorm(cfg.layer_norm_eps, dt, pdt, name='norm_f')(x)
-        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
-                          kernel_init=nn.with_logical_partitioning(init, ('embed', 'vocab')),
-                          dot_general=layers.dense_dot_general, name='lm_head')(x)  # [batch, seq, vocab]
+        logits = quantize_lib.dense(cfg.vocab_size, cfg.quantize, kernel_axes=('embed', 'vocab'), kernel_init=init,
+                                    dtype=dt, param_dtype=pdt, dot_general=layers.dense_dot_general,
+                                    name='lm_head')(x)  # [batch, seq, vocab]
         logits = nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
         out_aux = {
             'moe_lb_loss': jnp.mean(aux['lb_loss']),

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaicjax.models import chunked_attention
+from mosaicjax.models import quantize as quantize_lib
 
 Dtype = Any
 
@@ -223,6 +224,7 @@ class Attention(nn.Module):
       clip_qkv: clamp the fused qkv projection to [-clip_qkv, clip_qkv] when not None.
       impl: attention implementation (see `attention`).
       init_std: stddev of the normal kernel initialiser.
+      quantize: 'none' or 'int8' (weight-only int8 Wqkv / out_proj; see models/quantize.py).
     """
     d_model: int
     n_heads: int
@@ -232,6 +234,7 @@ class Attention(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quantize: str = 'none'
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -251,10 +254,10 @@ class Attention(nn.Module):
         hd = self.d_model // self.n_heads
         kv_dim = self.kv_n_heads * hd
         init = nn.initializers.normal(self.init_std)
-        qkv = nn.Dense(self.d_model + 2 * kv_dim, use_bias=False, dtype=self.dtype,
-                       param_dtype=self.param_dtype,
-                       kernel_init=nn.with_logical_partitioning(init, ('embed', 'qkv')),
-                       dot_general=dense_dot_general, name='Wqkv')(x)  # [batch, seq, (heads + 2*kv_heads)*head_dim]
+        qkv = quantize_lib.dense(self.d_model + 2 * kv_dim, self.quantize, kernel_axes=('embed', 'qkv'),
+                                 kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 dot_general=dense_dot_general,
+                                 name='Wqkv')(x)  # [batch, seq, (heads + 2*kv_heads)*head_dim]
         if self.clip_qkv is not None:
             qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
         q = qkv[..., :self.d_model].reshape(b, t, self.n_heads, hd)  # [batch, seq, heads, head_dim]
@@ -271,9 +274,9 @@ class Attention(nn.Module):
             o = cached_attention(q, k, v, kv_cache[0], kv_cache[1], mask, cache_mask)  # [b, seq, heads, hd]
         o = nn.with_logical_constraint(o, ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
         o = o.reshape(b, t, self.d_model)  # [batch, seq, heads*head_dim]
-        out = nn.Dense(self.d_model, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=nn.with_logical_partitioning(init, ('heads', 'embed')),
-                       dot_general=dense_dot_general, name='out_proj')(o)  # [batch, seq, d_model]
+        out = quantize_lib.dense(self.d_model, self.quantize, kernel_axes=('heads', 'embed'), kernel_init=init,
+                                 dtype=self.dtype, param_dtype=self.param_dtype, dot_general=dense_dot_general,
+                                 name='out_proj')(o)  # [batch, seq, d_model]
         if kv_cache is None and not return_kv:
             return out
         return out, (k, v)

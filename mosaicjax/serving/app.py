@@ -4,8 +4,13 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Models are LanguageModels (served by an Engine with `slots` KV-cache rows) or ImagePipelines, told apart by
-duck typing (`generate`/`logits` vs `encode_prompt`). Shutdown (uvicorn's SIGTERM handling ends the lifespan
-after in-flight requests finish) drains the engines.
+duck typing (`generate`/`logits` vs `encode_prompt`).
+
+Readiness: with warmup (the default) each engine compiles its programs in its thread; /health answers 503
+{"status": "warming_up"} until every engine is done (requests sent meanwhile wait in the queue), then 200.
+Drain: `app.state.draining = True` (mosaicjax.serve sets it on SIGTERM) makes /health and every new generation
+request answer 503 while in-flight requests, streams included, finish; uvicorn stops accepting connections and
+ends the lifespan when they are done, which stops the engines.
 """
 from __future__ import annotations
 
@@ -84,12 +89,15 @@ class _LimitsMiddleware:
 
 def create_app(models: dict[str, Any], *, api_key: Optional[str] = None, slots: int = 8, queue_size: int = 256,
                max_body_bytes: int = 4 << 20, max_image_size: int = 1280, steps_per_sync: int = 1,
-               image_queue_size: int = 64, image_max_batch: int = 8, default_image_steps: int = 30) -> FastAPI:
+               image_queue_size: int = 64, image_max_batch: int = 8, default_image_steps: int = 30,
+               warmup: bool = True, max_prefill_tokens: int = 4096) -> FastAPI:
     """The OpenAI-compatible app serving `models` ({name: LanguageModel | ImagePipeline}).
 
     api_key: when set (or $MOSAICJAX_API_KEY), every endpoint but /health needs `Authorization: Bearer KEY`.
     slots / queue_size / steps_per_sync: per-LM Engine settings. max_body_bytes: larger bodies get 413.
     max_image_size: the largest side a custom image size may have (the named sizes are always allowed).
+    warmup: compile every LM program before /health reports ready (see the module docstring).
+    max_prefill_tokens: padded prompt tokens per prefill call (Engine).
     """
     if not models:
         raise ValueError("create_app needs at least one model")
@@ -107,7 +115,8 @@ def create_app(models: dict[str, Any], *, api_key: Optional[str] = None, slots: 
                                             metrics=metrics)
             else:
                 engine = Engine(m, slots=slots, queue_size=queue_size, steps_per_sync=steps_per_sync,
-                                metrics=metrics, model_name=name)
+                                metrics=metrics, model_name=name, warmup=warmup,
+                                max_prefill_tokens=max_prefill_tokens)
                 lms[name] = LMService(name, m, engine, metrics)
 
     @contextlib.asynccontextmanager
@@ -120,6 +129,7 @@ def create_app(models: dict[str, Any], *, api_key: Optional[str] = None, slots: 
 
     app = FastAPI(title="mosaicjax OpenAI-compatible server", lifespan=lifespan)
     app.state.metrics, app.state.lm_services, app.state.image_services = metrics, lms, images
+    app.state.draining = False
     errors.install(app, metrics)
     start()
 
@@ -154,12 +164,20 @@ def create_app(models: dict[str, Any], *, api_key: Optional[str] = None, slots: 
             raise bad_request(f"model {name!r} is a language model, not an image model", param="model")
         raise APIError(404, f"The model {name!r} does not exist.", param="model", code="model_not_found")
 
+    async def not_draining():
+        if app.state.draining:
+            raise APIError(503, "The server is shutting down; retry on another replica.", code="shutting_down")
+
     deps = [Depends(auth)]
+    gen_deps = [Depends(auth), Depends(not_draining)]
 
     @app.get("/health")
     async def health():
-        if getattr(app.state, "draining", False):
+        if app.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        warming = [n for n, s in lms.items() if not s.engine.ready.is_set()]
+        if warming:
+            return JSONResponse({"status": "warming_up", "models": warming}, status_code=503)
         return {"status": "ok", "models": list(models)}
 
     @app.get("/metrics", dependencies=deps)
@@ -181,15 +199,15 @@ def create_app(models: dict[str, Any], *, api_key: Optional[str] = None, slots: 
             raise APIError(404, f"The model {name!r} does not exist.", param="model", code="model_not_found")
         return Model(id=name, object="model", created=created, owned_by="mosaicjax").model_dump(mode="json")
 
-    @app.post("/v1/chat/completions", dependencies=deps)
+    @app.post("/v1/chat/completions", dependencies=gen_deps)
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
         return await lm_for(body.model).chat(body, request)
 
-    @app.post("/v1/completions", dependencies=deps)
+    @app.post("/v1/completions", dependencies=gen_deps)
     async def completions(body: protocol.CompletionRequest, request: Request):
         return await lm_for(body.model).completions(body, request)
 
-    @app.post("/v1/images/generations", dependencies=deps)
+    @app.post("/v1/images/generations", dependencies=gen_deps)
     async def image_generations(body: protocol.ImageGenerationRequest):
         return await image_for(body.model).generate(body)
 

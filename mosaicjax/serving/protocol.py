@@ -33,6 +33,7 @@ class _Sampling(_Request):
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
+    ignore_eos: Optional[StrictBool] = False  # vLLM's extra: EOS / stop token ids do not end the completion
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)  # accepted, not applied
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)  # accepted, not applied
 

@@ -27,6 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(base_url: str, deadline: float):
+    """Polls /health until 200 (engines warmed up); 503 meanwhile."""
+    import urllib.error  # pylint: disable=import-outside-toplevel
+    import urllib.request  # pylint: disable=import-outside-toplevel
+    while True:
+        try:
+            with urllib.request.urlopen(base_url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{base_url} not ready")
+        time.sleep(0.1)
+
+
 class ServerThread:
     """uvicorn in a daemon thread (no signal handlers off the main thread); stop() drains it."""
 
@@ -37,12 +53,13 @@ class ServerThread:
                                                     timeout_graceful_shutdown=10))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while not self.server.started:
             if time.time() > deadline or not self.thread.is_alive():
                 raise RuntimeError("server did not start")
             time.sleep(0.05)
         self.base_url = f"http://127.0.0.1:{self.port}"
+        wait_ready(self.base_url, deadline)
 
     def stop(self):
         self.server.should_exit = True
@@ -50,24 +67,36 @@ class ServerThread:
 
 
 @pytest.fixture(scope="session")
-def lm(tmp_path_factory):
+def lm_folder(tmp_path_factory):
+    """A tiny HF DBRX folder (max_seq_len 64) with a ChatML byte-level BPE tokenizer."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import lm_fixtures  # pylint: disable=import-outside-toplevel
-    import mosaicjax  # pylint: disable=import-outside-toplevel
     folder = str(tmp_path_factory.mktemp("lm"))
     lm_fixtures.make_hf_folder(folder, lm_fixtures.small_config(max_seq_len=64))
-    return mosaicjax.load_lm(folder, progress=False)
+    return folder
 
 
 @pytest.fixture(scope="session")
-def image_pipe(tmp_path_factory):
+def lm(lm_folder):
+    import mosaicjax  # pylint: disable=import-outside-toplevel
+    return mosaicjax.load_lm(lm_folder, progress=False)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A tiny SD1 diffusers folder (default size 32x32)."""
     pytest.importorskip("diffusers")
     import image_fixtures  # pylint: disable=import-outside-toplevel
-    import mosaicjax  # pylint: disable=import-outside-toplevel
     folder = str(tmp_path_factory.mktemp("sd1") / "sd1")
     image_fixtures.make_diffusers_folder(folder, "sd1")
-    return mosaicjax.load_image_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def image_pipe(image_folder):
+    import mosaicjax  # pylint: disable=import-outside-toplevel
+    return mosaicjax.load_image_pipeline(image_folder)
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,30 @@ def test_chat_logprobs(client, lm):
         assert abs(item.logprob - item.top_logprobs[0].logprob) < 1e-4  # greedy: the chosen token is the best
 
 
+def test_chat_stream_top_logprobs(client, lm):
+    """logprobs + top_logprobs on streamed chunks: every token once, with its k best alternatives (the engine's
+    on-device top-k), equal to the non-streamed answer and to the model's own log-softmax."""
+    kw = dict(model=LM_NAME, messages=MSGS, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    for ch in chunks:
+        _strict(ChatCompletionChunk, ch)
+    streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
+    want = whole.choices[0].logprobs.content
+    assert len(streamed) == len(want) == chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == whole.choices[0].message.content
+    prompt = lm.tokenizer.encode("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n"
+                                 "def add(x, y):<|im_end|>\n<|im_start|>assistant\n")
+    [ids] = lm.generate([prompt], max_tokens=6, temperature=0.0, return_tokens=True)  # the same greedy tokens
+    ref = _log_softmax(lm.logits(np.array([prompt + ids]))[0, len(prompt) - 1:])  # [tokens, V]
+    for j, (a, b) in enumerate(zip(streamed, want)):
+        assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-6
+        assert [t.token for t in a.top_logprobs] == [t.token for t in b.top_logprobs] and len(a.top_logprobs) == 3
+        assert abs(a.logprob - a.top_logprobs[0].logprob) < 1e-6  # greedy: the chosen token is the best
+        best = np.sort(ref[j, :lm.tokenizer.vocab_size])[::-1][:3]
+        np.testing.assert_allclose([t.logprob for t in a.top_logprobs], best, atol=1e-4)
+
+
 def _log_softmax(x):
     x = x.astype(np.float64)
     return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
