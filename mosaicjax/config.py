@@ -6,6 +6,7 @@ with the closest valid names suggested.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -97,6 +98,29 @@ def parse(gin_files: Sequence[str], gin_params: Iterable[str] = ()) -> None:
         raise ConfigError(_suggest(e)) from None
     except (SyntaxError, gin.config_parser.ParseError if hasattr(gin, "config_parser") else SyntaxError) as e:
         raise ConfigError(f"Could not parse the gin config: {e}") from None
+
+
+@contextlib.contextmanager
+def overridden(bindings: Iterable[str]):
+    """The current config with `bindings` parsed after it (one phase of a multi-phase run); restored on exit.
+
+    Both ends start from a cleared gin state, so each phase's operative config (its config.gin) holds only what
+    that phase used.
+    """
+    saved = gin.config_str()
+    gin.clear_config()
+    try:
+        gin.parse_config(saved)
+        gin.parse_config(list(bindings))
+    except ValueError as e:
+        gin.clear_config()
+        gin.parse_config(saved)
+        raise ConfigError(_suggest(e)) from None
+    try:
+        yield
+    finally:
+        gin.clear_config()
+        gin.parse_config(saved)
 
 
 def operative_config() -> str:

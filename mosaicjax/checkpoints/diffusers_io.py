@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -153,6 +154,19 @@ def component_weights(folder: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"{folder}: no safetensors weights")
 
 
+def has_weights(folder: str) -> bool:
+    """Whether a component folder holds weights at all (safetensors, or pickles that component_weights refuses)."""
+    return any(glob.glob(os.path.join(folder, pat)) for pat in ("*.safetensors", "*.safetensors.index.json")
+               + _PICKLE_PATTERNS)
+
+
+def weightless_components(path: str) -> list[str]:
+    """Components of a diffusers folder that have a config.json but no weights (an architecture-only folder,
+    such as the image quickstart's experiments/imageai/shapes_model/)."""
+    model_index = _read_json(os.path.join(path, "model_index.json"))
+    return [n for n in _components(model_index) if not has_weights(os.path.join(path, n))]
+
+
 def _component_params(name: str, config: dict, sd: Mapping[str, np.ndarray], with_projection: bool) -> dict:
     """Our param tree for one component, validated against the shapes our model builds for `config`."""
     # pylint: disable=import-outside-toplevel
@@ -170,8 +184,12 @@ def _components(model_index: Mapping) -> list[str]:
     return names
 
 
-def load_diffusers(path: str, dtype: str | None = None) -> ImageModel:
-    """Reads a diffusers SD1 / SD2 / SDXL folder (safetensors only) into an ImageModel; `dtype` casts."""
+def load_diffusers(path: str, dtype: str | None = None, skip: tuple = ()) -> ImageModel:
+    """Reads a diffusers SD1 / SD2 / SDXL folder (safetensors only) into an ImageModel; `dtype` casts.
+
+    `skip`: components whose weights are not read (their configs are): the caller re-initialises them, so an
+    architecture-only folder without their weights loads too; `params` then lacks them.
+    """
     dtype = _check_dtype(dtype)
     path = os.path.abspath(path)
     model_index = _read_json(os.path.join(path, "model_index.json"))
@@ -183,6 +201,8 @@ def load_diffusers(path: str, dtype: str | None = None) -> ImageModel:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{path}: model_index.json lists {name} but {folder} is missing")
         configs[name] = _read_json(os.path.join(folder, "config.json"))
+        if name in skip:
+            continue
         with_proj = (model_index.get(name) or [None, None])[1] == "CLIPTextModelWithProjection"
         params[name] = _cast(_component_params(name, configs[name], component_weights(folder), with_proj), dtype)
     for tok, enc in zip(TOKENIZERS, TEXT_ENCODERS):
@@ -296,7 +316,9 @@ def load_training_workdir(path: str, dtype: str | None = None, step: int | None 
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{path}: no complete checkpoint under checkpoints/")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+    with warnings.catch_warnings():  # arrays come back whole to the host: the saved sharding does not matter
+        warnings.filterwarnings("ignore", message="Sharding info not provided")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
     manager.close()
     params = {n: jax.tree.map(np.asarray, v) for n, v in dict(restored["frozen"]).items()}
     trained = restored["ema"] if use_ema else restored["params"]

@@ -5,8 +5,8 @@ Sources (random access; each record remembers where it came from so errors name 
                  stem (.txt next to it).
   'jsonl'        PATHS is a JSONL manifest (comma separated for several); each line {"file_name": relative or
                  absolute path, "text": caption} (field names configurable).
-  'array_record' PATHS globs ArrayRecord files of JSON records {"image": base64-less bytes? no: "image_path" or
-                 encoded bytes} — records are msgpack-free JSON: {"image_b64": PNG/JPEG base64, "text": caption}.
+  'array_record' PATHS globs ArrayRecord files of JSON records {"image_b64": PNG/JPEG bytes in base64, "text":
+                 caption} (field names configurable; write them with mosaicjax.data.arrayrecord).
   'tfds'         a tfds data_source (`tfds.data_source(name, split=...)`) with image and caption features.
   'shapes'       the procedural coloured-shapes set (mosaicjax/data/shapes.py; no files).
 
@@ -21,6 +21,9 @@ epoch, the per-epoch shuffle of each bucket, and the crop offsets — so its che
 resumed run reads exactly the batches an uninterrupted one would. Each process loads only its rows of every
 global batch. Unreadable images or captions raise ValueError naming the file, or with on_error='skip' are
 replaced by the next record of the same bucket and counted (`skipped_records()`).
+
+With `cache_dir` (mosaicjax/data/latent_cache.py) the same batches — same order, buckets and skips — carry each
+record's cached VAE moments and text embeddings instead of pixels and token ids.
 """
 from __future__ import annotations
 
@@ -89,12 +92,23 @@ class ImageDataConfig:
     # 'shapes' source: records, image side (None: `resolution`) and generator seed.
     shapes_num_records: int = 4096
     shapes_side: int | None = None
+    # Latent cache (mosaicjax/data/latent_cache.py): a directory for the VAE moments and text embeddings of every
+    # record, encoded once and reused by every epoch and later run whose data, sizes and encoders are the same
+    # (rebuilt otherwise). Needs frozen VAE and text encoders and random_crop = random_flip = False. None: off.
+    cache_dir: str | None = None
+    # Records per encoder call while building the cache.
+    cache_batch_size: int = 16
 
     def __post_init__(self):
         if self.source not in ("folder", "jsonl", "array_record", "tfds", "shapes"):
             raise ValueError(f"image_data.source={self.source!r}; use folder, jsonl, array_record, tfds or shapes")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"image_data.on_error={self.on_error!r}; use 'raise' or 'skip'")
+        if self.cache_dir and (self.random_crop or self.random_flip):
+            raise ValueError(
+                "image_data.cache_dir caches each record's latents once, at its fixed centre crop; random crops "
+                "and flips would need a new encoding every epoch. Set image_data.random_crop = False and "
+                "image_data.random_flip = False (or unset image_data.cache_dir)")
 
 
 # ----------------------------------------------------------------------------------------------------- sources
@@ -159,14 +173,22 @@ class ArrayRecordImageSource:
         paths = sorted(p for pat in (cfg.paths or "").split(",") for p in glob.glob(pat.strip()))
         if not paths:
             raise FileNotFoundError(f"image_data.paths={cfg.paths!r} matches no ArrayRecord files")
+        from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
         self.src = grain.sources.ArrayRecordDataSource(paths)
-        self.cfg = cfg
+        self.cfg, self.paths = cfg, paths
+        counts = []
+        for p in paths:
+            reader = array_record_module.ArrayRecordReader(p)
+            counts.append(reader.num_records())
+            reader.close()
+        self.starts = np.cumsum([0] + counts)  # record i lives in paths[k] with starts[k] <= i < starts[k + 1]
 
     def __len__(self):
         return len(self.src)
 
     def __getitem__(self, i):
-        name = f"array_record[{int(i)}]"
+        k = int(np.searchsorted(self.starts, int(i), side="right")) - 1
+        name = f"{self.paths[k]}[record {int(i) - int(self.starts[k])}]"
         try:
             obj = json.loads(self.src[int(i)])
             return {"bytes": base64.b64decode(obj[self.cfg.image_b64_field]),
@@ -179,20 +201,36 @@ class ArrayRecordImageSource:
 
 
 class TfdsImageSource:
+    """`tfds.data_source(tfds_name, split, data_dir)` (ArrayRecord-prepared datasets; no TensorFlow needed to read
+    them): records {tfds_image_feature: uint8 [H, W, 3], tfds_caption_feature: bytes or str}."""
+
     def __init__(self, cfg: ImageDataConfig):
-        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-        self.src = tfds.data_source(cfg.tfds_name, split=cfg.tfds_split, data_dir=cfg.tfds_data_dir)
+        if not cfg.tfds_name:
+            raise ValueError("image_data.source='tfds' needs image_data.tfds_name")
+        try:
+            import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+        except ImportError:
+            raise ValueError("image_data.source='tfds' needs tensorflow-datasets: pip install tensorflow-datasets"
+                             ) from None
+        try:
+            self.src = tfds.data_source(cfg.tfds_name, split=cfg.tfds_split, data_dir=cfg.tfds_data_dir)
+        except Exception as e:  # pylint: disable=broad-except  # DatasetNotFoundError, unknown split, ...
+            raise ValueError(f"image_data.tfds_name={cfg.tfds_name!r} split={cfg.tfds_split!r} data_dir="
+                             f"{cfg.tfds_data_dir!r}: {type(e).__name__}: {e}") from None
         self.cfg = cfg
 
     def __len__(self):
         return len(self.src)
 
     def __getitem__(self, i):
-        rec = self.src[int(i)]
-        cap = rec[self.cfg.tfds_caption_feature]
-        return {"image": np.asarray(rec[self.cfg.tfds_image_feature]),
-                "caption": cap.decode("utf-8") if isinstance(cap, bytes) else str(cap),
-                "name": f"{self.cfg.tfds_name}/{self.cfg.tfds_split}[{int(i)}]"}
+        name = f"{self.cfg.tfds_name}/{self.cfg.tfds_split}[{int(i)}]"
+        try:
+            rec = self.src[int(i)]
+            cap = rec[self.cfg.tfds_caption_feature]
+            return {"image": np.asarray(rec[self.cfg.tfds_image_feature]),
+                    "caption": cap.decode("utf-8") if isinstance(cap, bytes) else str(cap), "name": name}
+        except Exception as e:  # pylint: disable=broad-except
+            return {"error": f"{name}: bad record ({type(e).__name__}: {e})", "name": name}
 
     def size_of(self, i):
         return (1, 1)
@@ -282,15 +320,17 @@ class BatchLoader:
     """Global batch number -> this process's rows of that batch (see the module docstring)."""
 
     def __init__(self, cfg: ImageDataConfig, source, tokenizers: list[Callable[[list[str]], np.ndarray]], *,
-                 global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
-        self.cfg, self.source, self.tokenizers = cfg, source, tokenizers
+                 global_batch: int, seed: int, process_index: int = 0, process_count: int = 1, cache=None):
+        self.cfg, self.source, self.tokenizers, self.cache = cfg, source, tokenizers, cache
         self.global_batch, self.seed = int(global_batch), int(seed)
         self.rows = slice(process_index * global_batch // process_count,
                           (process_index + 1) * global_batch // process_count)
         self.sizes = bucket_sizes(cfg.resolution, cfg.size_multiple, cfg.buckets)
         n = len(source)
         assign = np.zeros(n, np.int64)
-        if len(self.sizes) > 1:
+        if cache is not None:  # the buckets the cache was encoded at (the same rule; no image headers to read)
+            assign = np.asarray(cache.bucket, np.int64)
+        elif len(self.sizes) > 1:
             for i in range(n):
                 assign[i] = nearest_bucket(*source.size_of(i), self.sizes)
         self.members = [np.nonzero(assign == b)[0] for b in range(len(self.sizes))]
@@ -315,15 +355,18 @@ class BatchLoader:
         self._epoch_cache = (epoch, batches)
         return batches
 
-    def _load(self, bucket: int, index: int) -> tuple[np.ndarray, str, int]:
-        """The record or, with on_error='skip', the next readable one of the same bucket."""
+    def _read(self, i: int):
+        """(uint8 image, caption) of record i, or its cached arrays (latent cache)."""
+        return self.cache.read(i) if self.cache is not None else load_record(self.source[i])
+
+    def _load(self, bucket: int, index: int) -> tuple:
+        """(what _read gives, index): the record or, with on_error='skip', the next readable one of its bucket."""
         members = self.members[bucket]
         pos = int(np.searchsorted(members, index))
         for attempt in range(len(members)):
             i = int(members[(pos + attempt) % len(members)])
             try:
-                img, cap = load_record(self.source[i])
-                return img, cap, i
+                return self._read(i), i
             except ValueError:
                 if self.cfg.on_error == "raise":
                     raise
@@ -334,9 +377,12 @@ class BatchLoader:
         epoch, k = divmod(int(batch_number), self.batches_per_epoch)
         bucket, indices = self._epoch_batches(epoch)[k]
         th, tw = self.sizes[bucket]
+        if self.cache is not None:  # cached moments, embeddings and time ids (mosaicjax/data/latent_cache.py)
+            rows = [self._load(bucket, int(index))[0] for index in indices[self.rows]]
+            return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         pixels, captions, time_ids = [], [], []
         for index in indices[self.rows]:
-            img, cap, i = self._load(bucket, int(index))
+            (img, cap), i = self._load(bucket, int(index))
             rng = np.random.default_rng([self.seed, epoch, i, 1])
             oh, ow = img.shape[:2]
             img, (top, left) = resize_and_crop(img, (th, tw), rng if self.cfg.random_crop else None)
@@ -352,11 +398,16 @@ class BatchLoader:
 
 
 def make_train_iterator(cfg: ImageDataConfig, tokenizers, *, global_batch: int, seed: int,
-                        process_index: int = 0, process_count: int = 1, source=None) -> grain.DatasetIterator:
-    """Infinite, checkpointable iterator of this process's batches (state = the next global batch number)."""
+                        process_index: int = 0, process_count: int = 1, source=None,
+                        cache=None) -> grain.DatasetIterator:
+    """Infinite, checkpointable iterator of this process's batches (state = the next global batch number).
+
+    With `cache` (a latent_cache.LatentCache of this source) batches hold the cached {'latent_mean',
+    'latent_logvar', 'context'[, 'pooled'], 'time_ids'} instead of pixels and token ids, in the same order.
+    """
     loader = BatchLoader(cfg, source if source is not None else build_source(cfg, seed), tokenizers,
                          global_batch=global_batch, seed=seed, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, cache=cache)
     ds = grain.MapDataset.range(0, 2 ** 62).map(loader)
     # A few batches are read ahead in threads; the state is still the next batch number (prefetch is not state).
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))

@@ -24,7 +24,7 @@ def save_grid(images: np.ndarray, path: str, columns: int = 8) -> str:
 
 
 def sample_and_report(task, workdir: str, state, is_primary: bool) -> dict:
-    """Samples the task's prompts with the EMA weights; writes samples/step_N.png (+ adherence.json)."""
+    """Samples the task's prompts with the EMA weights; writes samples/step_N.png and samples/report.json."""
     from mosaicjax.data import shapes as shapes_lib  # pylint: disable=import-outside-toplevel
     from mosaicjax.diffusion import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
     from mosaicjax.diffusion import shapes_eval  # pylint: disable=import-outside-toplevel
@@ -33,22 +33,28 @@ def sample_and_report(task, workdir: str, state, is_primary: bool) -> dict:
     if cfg.sample_prompts:
         prompts = list(cfg.sample_prompts)[:cfg.num_samples]
     elif task.data_cfg.source == "shapes":
-        held = shapes_lib.held_out_prompts()[:cfg.num_samples]
+        # The held-out prompts in turn, as many times as num_samples asks (each repeat from other noise).
+        held = shapes_lib.held_out_prompts()
+        held = [held[i % len(held)] for i in range(cfg.num_samples)]
         prompts, attrs = [p for p, _ in held], [a for _, a in held]
     else:
         return {}
     pipe = pipeline_lib.ImagePipeline(task.image_model(workdir, state))
     side = task.data_cfg.resolution
     images = []
-    for i in range(0, len(prompts), 8):
-        chunk = prompts[i:i + 8]
+    chunk_size = 16
+    for i in range(0, len(prompts), chunk_size):
+        chunk = prompts[i:i + chunk_size]
         images.append(pipe(chunk, height=side, width=side, num_inference_steps=cfg.sample_steps,
-                           guidance_scale=cfg.guidance_scale, seed=task.train_cfg.seed,
+                           guidance_scale=cfg.guidance_scale, seed=task.train_cfg.seed + i // chunk_size,
                            scheduler=cfg.sample_scheduler, output_type="np"))
     images = np.concatenate(images)  # [N, side, side, 3] in [0, 1]
     report = {"step": int(np.asarray(state.step)), "prompts": prompts}
     if attrs is not None:
         report.update(shapes_eval.adherence(images, attrs))
+        report["images"] = [{"prompt": p, "want": [a["color"], a["shape"]],
+                             "got": [got["color"], got["shape"]]}
+                            for p, a, got in zip(prompts, attrs, map(shapes_eval.classify, images))]
     if is_primary:
         out = os.path.join(workdir, "samples")
         os.makedirs(out, exist_ok=True)

@@ -57,15 +57,62 @@ def _signature(batch: dict) -> tuple:
 
 
 def train(workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the training configured in gin; returns the last logged metrics."""
+    """Runs (or resumes) the training configured in gin; returns the last logged metrics.
+
+    A task may declare prior phases (the image task's VAE pre-training): each runs first, to completion, as an
+    ordinary run in its own workdir under extra gin bindings; a complete one is skipped, so a re-run resumes in
+    whichever phase it was killed. A phase stopped by a signal ends the command there (exit 0, resumable).
+    """
     workdir = os.path.abspath(workdir)
+    task = tasks_lib.make_task(TrainConfig().task)
+    phases = task.prior_phases(workdir)
+    if not phases:
+        return _train_run(workdir, task)
+    t0 = time.perf_counter()
+    total = len(phases) + 1
+    for i, phase in enumerate(phases, 1):
+        label = f"phase {i}/{total} {phase.name}"
+        if _latest_step(phase.workdir) >= phase.num_steps:
+            _say(f"[{label}] complete ({phase.workdir}, step {phase.num_steps}); skipping to the next phase")
+            continue
+        t_phase = time.perf_counter()
+        with config_lib.overridden(phase.bindings):
+            _train_run(phase.workdir, tasks_lib.make_task(TrainConfig().task), label)
+        if _latest_step(phase.workdir) < phase.num_steps:  # stopped by SIGTERM/SIGINT: its checkpoint resumes it
+            return {}
+        _say(f"[{label}] done in {metrics_lib.format_duration(time.perf_counter() - t_phase)}")
+    t_phase = time.perf_counter()
+    label = f"phase {total}/{total} {task.phase_name}"
+    last = _train_run(workdir, task, label)
+    now = time.perf_counter()
+    if _latest_step(workdir) >= TrainConfig().num_steps:  # not stopped by a signal
+            _say(f"[{label}] done in {metrics_lib.format_duration(now - t_phase)}; all {total} phases done, this "
+             f"command ran {metrics_lib.format_duration(now - t0)}")
+    return last
+
+
+def _say(line: str) -> None:
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _latest_step(workdir: str) -> int:
+    """The newest complete checkpoint's step of a run (-1: none)."""
+    checkpointer = checkpointing.Checkpointer(workdir, checkpointing.CheckpointConfig())
+    step = checkpointer.latest_step()
+    checkpointer.close()
+    return -1 if step is None else step
+
+
+def _train_run(workdir: str, task: tasks_lib.Task, label: str | None = None) -> dict[str, Any]:
+    """One run (one phase): build from gin, restore or initialise, step, log, checkpoint, finish."""
     os.makedirs(workdir, exist_ok=True)
+    prefix = f"[{label}] " if label else ""
     train_cfg = TrainConfig()
     ckpt_cfg = checkpointing.CheckpointConfig()
     metrics_cfg = metrics_lib.MetricsConfig()
     rules = rules_lib.get_rules()
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig())
-    task = tasks_lib.make_task(train_cfg.task)
     task.setup(train_cfg, mesh, rules, workdir)
     is_primary = jax.process_index() == 0
     shardings = task.shardings
@@ -76,7 +123,7 @@ def train(workdir: str) -> dict[str, Any]:
     start_step = checkpointer.latest_step()
     if start_step is not None:
         state, meta = checkpointer.restore(start_step, task.abstract_state(), data_iter)
-        print(f"resumed from {checkpointer.directory}/{start_step} (saved on mesh {meta.get('mesh_shape')})",
+        print(f"{prefix}resumed from {checkpointer.directory}/{start_step} (saved on mesh {meta.get('mesh_shape')})",
               file=sys.stderr, flush=True)
     else:
         start_step = 0
@@ -104,11 +151,11 @@ def train(workdir: str) -> dict[str, Any]:
     progress = metrics_lib.ProgressLogger(train_cfg.num_steps, start_step)
     stop = _StopFlag()
     stop.install()
-    print(f"training {train_cfg.num_steps} steps from step {start_step} on {num_devices} device(s), mesh "
+    print(f"{prefix}training {train_cfg.num_steps} steps from step {start_step} on {num_devices} device(s), mesh "
           f"{dict(mesh.shape)}; compiled in {compile_sec:.1f}s", file=sys.stderr, flush=True)
 
     if start_step >= train_cfg.num_steps and is_primary:
-        print(f"nothing to do: the run in {workdir} is complete at step {start_step} (train.num_steps="
+        print(f"{prefix}nothing to do: the run in {workdir} is complete at step {start_step} (train.num_steps="
               f"{train_cfg.num_steps}); its metrics are in metrics.jsonl", file=sys.stderr, flush=True)
     last: dict[str, Any] = {}
     step = start_step
@@ -140,7 +187,7 @@ def train(workdir: str) -> dict[str, Any]:
                     record.update(task.evaluate(state))
                 writer.write(step, record)
                 if is_primary:
-                    print(progress.line(step, record), file=sys.stderr, flush=True)
+                    print(prefix + progress.line(step, record), file=sys.stderr, flush=True)
                 last = record
                 interval_start, interval_steps = time.perf_counter(), 0
             if stopping or final or (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0):

@@ -6,10 +6,24 @@ owns the rest — data, model, train state, the jitted step, evaluation and FLOP
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A run that must be complete before the task's own starts (the image task's VAE pre-training).
+
+    The loop runs it as an ordinary run in its own workdir under the current gin config plus `bindings`,
+    skips it once a checkpoint at `num_steps` exists, and prefixes its progress lines with its name.
+    """
+    name: str            # shown in progress lines: [phase 1/2 vae] step 10/600 | ...
+    workdir: str         # its run directory (checkpoints/, metrics.jsonl, config.gin)
+    num_steps: int       # complete once a checkpoint of this step exists
+    bindings: tuple      # gin bindings parsed after the run's own for this phase
 
 
 class Task:
@@ -26,6 +40,16 @@ class Task:
 
     def setup(self, train_cfg, mesh, rules, workdir: str) -> None:
         raise NotImplementedError
+
+    def prior_phases(self, workdir: str) -> list[Phase]:
+        """Runs to complete, in order, before this one (called before `setup`, from the gin config alone)."""
+        del workdir
+        return []
+
+    @property
+    def phase_name(self) -> str:
+        """This run's name in progress lines when it has prior phases."""
+        return self.name
 
     def abstract_state(self):
         """ShapeDtypeStructs with shardings (what a checkpoint restore lays the saved arrays onto)."""
