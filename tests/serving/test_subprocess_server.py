@@ -122,6 +122,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(proc_server):
     n_streams, max_tokens = 8, info["max_model_len"] - info["count"]  # as long as the context allows
     started = [threading.Event() for _ in range(n_streams)]  # the role chunk: the server has the request
     results = [None] * n_streams
+    last_chunk_at = [0.0] * n_streams  # wall time of each stream's latest chunk
 
     def stream(i):
         try:
@@ -138,6 +139,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(proc_server):
     def _iter(i, s):
         for ch in s:
             started[i].set()
+            last_chunk_at[i] = time.time()
             yield ch
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(n_streams)]
@@ -161,4 +163,6 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(proc_server):
         assert not isinstance(chunks, Exception) and chunks, (i, chunks, log[-2000:])
         assert chunks[-1].usage.completion_tokens == max_tokens  # ran to its end, not cut by the drain
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert "Waiting for connections to close" in log or "Waiting for background tasks" in log, log[-2000:]
+    # The streams were really in flight across the signal: they kept receiving tokens after it (whether uvicorn
+    # itself then logs a wait depends on whether they finished before its shutdown began).
+    assert max(last_chunk_at) > t_signal, (max(last_chunk_at), t_signal)
