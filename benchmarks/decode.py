@@ -93,7 +93,7 @@ def run_jax(args, cfg, sd, prompt):
     return {'t_first_sec': t_first, 't_full_sec': t_full, 'warmup_incl_compile_sec': compile_s}, tokens
 
 
-class _TokenClock:
+class TokenClock:
     """A transformers streamer that timestamps every put(): the prompt first, then each new token."""
 
     def __init__(self):
@@ -125,7 +125,7 @@ def run_torch(args, cfg, sd, prompt):
         return out[0, len(prompt):].tolist()
 
     warm_s, _ = _timed(lambda: generate(2))
-    clock = _TokenClock()
+    clock = TokenClock()
     t0 = time.perf_counter()
     tokens = generate(args.max_new_tokens, clock)
     t_full = time.perf_counter() - t0

@@ -215,22 +215,9 @@ def prompt_ids(base_url, model) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ transformers
-class _TokenClock:
-    """A transformers streamer that timestamps every put(): the prompt first, then each new token."""
-
-    def __init__(self):
-        self.times = []
-
-    def put(self, value):
-        del value
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def run_transformers(model_path, ids, max_tokens, threads) -> dict:
     import torch  # pylint: disable=import-outside-toplevel
+    from benchmarks.decode import TokenClock  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(threads)
     model = transformers.DbrxForCausalLM.from_pretrained(model_path, attn_implementation='sdpa',
@@ -244,7 +231,7 @@ def run_transformers(model_path, ids, max_tokens, threads) -> dict:
     generate(4)  # warm-up
     runs = []
     for _ in range(3):
-        clock = _TokenClock()
+        clock = TokenClock()
         t0 = time.perf_counter()
         generate(max_tokens, clock)
         t_end = time.perf_counter()

@@ -56,10 +56,7 @@ def main(argv):
                 grad_accum_steps=train.grad_accum_steps, rules=rules_lib.get_rules(), tx=tx, device_memory=memory,
                 params=params)
         except mesh_lib.MeshError as e:
-            print(f"\nmemory per device: not planned: {e}\n(pass --num_devices=N to plan for the slice the config is "
-                  f"meant for, or override --gin_param=\"mesh.shape={{...}}\")", flush=True)
-            if explicit:
-                sys.exit(2)
+            _not_planned(e, explicit)
             return
         print()
         print(sizing.format_plan(cfg, plan, batch_size=train.batch_size, seq_len=train.seq_len,
@@ -69,9 +66,17 @@ def main(argv):
         sys.exit(2)
 
 
+def _not_planned(error, explicit: bool) -> None:
+    """The mesh does not fit the device count: say how to plan anyway; exit 2 when --num_devices was given."""
+    import sys
+    print(f"\nmemory per device: not planned: {error}\n(pass --num_devices=N to plan for the slice the config is "
+          f"meant for, or override --gin_param=\"mesh.shape={{...}}\")", flush=True)
+    if explicit:
+        sys.exit(2)
+
+
 def _image_report(train):
     """train.task='image': the components of image.init_from (counts, trained) and the per-device memory plan."""
-    import sys
     import jax
     from mosaicjax.data import images as images_lib
     from mosaicjax.diffusion import training as training_lib
@@ -91,10 +96,7 @@ def _image_report(train):
     try:
         text, _ = plan(mesh_lib.MeshConfig().shape, num_devices, memory)
     except mesh_lib.MeshError as e:
-        print(f"\nmemory per device: not planned: {e}\n(pass --num_devices=N to plan for the slice the config is "
-              f"meant for, or override --gin_param=\"mesh.shape={{...}}\")", flush=True)
-        if explicit:
-            sys.exit(2)
+        _not_planned(e, explicit)
         return
     print()
     print(text, flush=True)
