@@ -263,8 +263,8 @@ def memory_plan(arch: Architecture, params: Mapping[str, list], mesh_shape: Mapp
     local, by_component = {}, {}
     for name, infos in params.items():
         mesh_sizes = sizes if name == "unet" else replicated
-        local[name] = [sizing.local_shape(p.shape, p.logical, mesh_sizes, rules) if name == "unet" else p.shape
-                       for p in infos]
+        local[name] = [sizing.local_shape(p.shape, p.logical, mesh_sizes, rules, whole_if_indivisible=True)
+                       if name == "unet" else p.shape for p in infos]
         by_component[name] = sum(math.prod(s) * 4 for s in local[name])
     param_bytes = sum(by_component.values())
     trained_bytes = sum(by_component[n] for n in trained if n in by_component)

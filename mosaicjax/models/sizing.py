@@ -124,8 +124,9 @@ def component_counts(cfg: dbrx.DbrxConfig, params: Sequence[ParamInfo] | None = 
 
 
 def local_shape(shape: Sequence[int], logical: Sequence[str | None], mesh_sizes: Mapping[str, int],
-                rules) -> tuple[int, ...]:
-    """The shard one device holds: each dim divided (rounded up) by the mesh axes the rules put it on."""
+                rules, *, whole_if_indivisible: bool = False) -> tuple[int, ...]:
+    """The shard one device holds: each dim divided (rounded up) by the mesh axes the rules put it on, or, with
+    whole_if_indivisible, kept whole where they do not divide it (rules.fit_to_shapes, as the image task shards)."""
     spec = nn.logical_to_mesh_axes(tuple(logical), rules)  # PartitionSpec of mesh axis names
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -133,7 +134,8 @@ def local_shape(shape: Sequence[int], logical: Sequence[str | None], mesh_sizes:
             out.append(dim)
             continue
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        out.append(-(-dim // math.prod(mesh_sizes[a] for a in axes)))
+        n = math.prod(mesh_sizes[a] for a in axes)
+        out.append(dim if whole_if_indivisible and dim % n else -(-dim // n))
     return tuple(out)
 
 

@@ -28,7 +28,8 @@ applies, see `attention`; the XLA path computes logits and softmax in float32 fo
 Logical axes (mosaicjax/parallel/rules.py): attention q/k/v kernels ('embed', 'heads'), to_out ('heads',
 'embed'), GEGLU ('embed', 'mlp') / ('mlp', 'embed'), time MLPs ('embed', 'mlp'), convs and the image<->token
 projections (None, None, 'conv_in', 'conv_out') / ('conv_in', 'embed') / ('embed', 'conv_out'), norms ('norm',).
-'conv_in'/'conv_out' have no rule in the default table, so conv weights stay replicated unless one is added.
+The default table splits 'conv_in' over fsdp ('conv_out' stays whole); the image task keeps whole any dimension the
+mesh axes do not divide (rules.fit_to_shapes: conv_in's 4 input channels).
 Activations: images ('act_batch', None, None, 'act_embed'), tokens ('act_batch', 'act_length', 'act_embed'),
 heads ('act_batch', 'act_length', 'act_heads', 'act_head_dim').
 """

@@ -16,8 +16,8 @@ The latent scaling of the pipelines is `scale_latents` / `unscale_latents`: z_un
 Parameter tree mirrors the diffusers state dict: encoder/down_blocks_0/resnets_1/conv1/kernel,
 encoder/mid_block/attentions_0/to_q/kernel, decoder/up_blocks_2/upsamplers_0/conv/bias, quant_conv/kernel...
 Logical axes: conv kernels (None, None, 'conv_in', 'conv_out'), attention kernels ('conv_in', 'conv_out'),
-biases ('conv_out',), GroupNorm ('norm',). 'conv_in'/'conv_out' are not in the default rules table, so the VAE
-(84M parameters) is replicated; activations are constrained to ('act_batch', 'act_height', 'act_width',
+biases ('conv_out',), GroupNorm ('norm',). The image task and the pipeline replicate the VAE (84M parameters)
+whatever the rules say; activations are constrained to ('act_batch', 'act_height', 'act_width',
 'act_channels') (batch-sharded under the default rules).
 """
 from __future__ import annotations

@@ -8,6 +8,7 @@ is split over fsdp (ZeRO-3), while activations are split over the batch and keep
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -28,6 +29,10 @@ DEFAULT_RULES: Rules = (
     ("exp_mlp", "expert"),  # HF-layout expert weights [experts*ffn, d_model]: contiguous experts per shard
     ("layers", None),
     ("norm", None),
+    # Convolution kernels [kh, kw, in, out] (UNet, VAE): input channels over fsdp like a dense kernel's 'embed'
+    # (listed after 'embed', so a ('conv_in', 'embed') kernel splits its 'embed' side). Most of a UNet's weights are
+    # convolutions (589M of SD1.5's 860M), so without this rule fsdp left them whole on every device.
+    ("conv_in", "fsdp"),
     # Activations.
     ("act_batch", ("data", "fsdp", "expert")),
     ("act_length", None),
@@ -57,6 +62,22 @@ def activate(mesh: Mesh, rules: Rules):
 def logical_to_sharding(logical_tree, mesh: Mesh, rules: Rules):
     """Maps a tree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings on `mesh`."""
     return nn.logical_to_mesh_sharding(logical_tree, mesh, rules)
+
+
+def fit_to_shapes(shardings, shapes):
+    """Each NamedSharding with the mesh axes dropped from any dimension of its array they do not divide.
+
+    jax refuses uneven shards; a few small dimensions (the UNet's 4 input channels under fsdp=8) are better left
+    whole than forcing a smaller mesh on everything else. `shapes`: a matching tree of arrays or ShapeDtypeStructs.
+    """
+    def fit(sharding: NamedSharding, like) -> NamedSharding:
+        spec = list(sharding.spec) + [None] * (len(like.shape) - len(sharding.spec))
+        for i, (dim, axes) in enumerate(zip(like.shape, spec)):
+            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            if names and dim % math.prod(sharding.mesh.shape[a] for a in names):
+                spec[i] = None
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
+    return jax.tree.map(fit, shardings, shapes)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:

@@ -80,9 +80,13 @@ def test_sigkill_then_restart_continues_bit_for_bit(reference_run, folder, tmp_p
     assert all(got[s] == ref[s] for s in range(9, NUM_STEPS + 1)), {s: (got[s], ref[s]) for s in got}
 
 
-def test_eight_devices_match_one_device(reference_run, folder, tmp_path):
+@pytest.mark.parametrize("mesh", ["{'data': -1, 'fsdp': 1, 'expert': 1, 'tensor': 1}",
+                                  # UNet kernels split 8 ways (conv_in's 4 input channels stay whole)
+                                  "{'data': 1, 'fsdp': 8, 'expert': 1, 'tensor': 1}"], ids=["data", "fsdp"])
+def test_eight_devices_match_one_device(reference_run, folder, tmp_path, mesh):
     workdir = str(tmp_path / "eight")
-    cs.run_cli(workdir, _params(folder, **{"train.num_steps": 8, "train.checkpoint_every": 0}), devices=8)
+    cs.run_cli(workdir, _params(folder, **{"train.num_steps": 8, "train.checkpoint_every": 0, "mesh.shape": mesh}),
+               devices=8)
     ref, got = cs.losses(reference_run), cs.losses(workdir)
     np.testing.assert_allclose([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)], rtol=2e-4)
 

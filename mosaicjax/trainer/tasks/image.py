@@ -155,7 +155,8 @@ class ImageTask(Task):
         self.abstract_params = abstract
         rep = _replicated(mesh)
         comp_sh = {n: jax.tree.map(lambda _: rep, abstract[n]) for n in abstract}
-        comp_sh["unet"] = rules_lib.logical_to_sharding(unet_lib.param_logical_axes(unet_cfg), mesh, rules)
+        comp_sh["unet"] = rules_lib.fit_to_shapes(
+            rules_lib.logical_to_sharding(unet_lib.param_logical_axes(unet_cfg), mesh, rules), abstract["unet"])
         params_sh = {n: comp_sh[n] for n in self.trained}
         frozen_sh = {n: comp_sh[n] for n in abstract if n not in self.trained}
         abstract_opt = jax.eval_shape(self.tx.init, {n: abstract[n] for n in self.trained})
