@@ -10,7 +10,7 @@ recomputes each chunk's probabilities (flash attention's recipe, in XLA ops):
     dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = dS K * scale,  dK = dS^T Q * scale,  dV = P^T dO
 
 Measured on 2 CPU cores (BUILD_NOTES.md has the figures and commands): the UNet's 1024-token self-attention
-forward 5x faster than XLA's; DBRX's (8, 256, 8 heads, 2 kv heads) forward + backward about 2x.
+forward ~8x faster than XLA's; DBRX's (8, 256, 8 heads, 2 kv heads) forward + backward about 4x.
 GPUs keep cuDNN's fused kernel and TPUs XLA's attention (callers choose; see layers.attention, image_attention).
 """
 from __future__ import annotations
