@@ -184,7 +184,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             rounds.append({side: _run_in_child(passthrough, side, folder, tmp) for side in sides})
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    from mosaicjax.diffusion import pipeline as pipeline_lib
+    width, height = pipeline_lib.parse_size(args.size)
     ours_all = [t for r in rounds for t in r["ours"]["times"]]
     first = rounds[0]["ours"]
     result = dict(config=args.folder or args.config, size=f"{width}x{height}", batch=args.batch, steps=args.steps,
