@@ -80,20 +80,22 @@ def build_folder(path: str, config: str, seed: int = 0) -> str:
     return path
 
 
-def _median_time(fn, repeats: int) -> tuple[float, list[float], object]:
+def _timed(fn, repeats: int) -> tuple[list[float], object]:
+    """Seconds of each of `repeats` calls of fn, and the last call's result."""
     times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, out
+    return times, out
 
 
 def _request(args, latent_channels: int, factor: int):
     from mosaicjax.diffusion import pipeline as pipeline_lib
     width, height = pipeline_lib.parse_size(args.size)
     request = dict(prompt=[CORPUS[i % 4] for i in range(args.batch)],
-                   negative_prompt=["blurry, low quality"] * args.batch, height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+                   negative_prompt=["blurry, low quality"] * args.batch, height=height, width=width,
+                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     latents = np.random.default_rng(0).standard_normal(
         (args.batch, latent_channels, height // factor, width // factor)).astype(np.float32)
     return request, latents
@@ -112,7 +114,7 @@ def run_ours(args, folder: str) -> dict:
     first_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         run()
-    _, times, image = _median_time(run, args.repeats)
+    times, image = _timed(run, args.repeats)
     return dict(times=times, image=image, first_call_s=first_s, load_s=load_s,
                 compile_s=ours.last_timings.get("compile_s", float("nan")), text_s=ours.last_timings["text_s"])
 
@@ -135,7 +137,7 @@ def run_diffusers(args, folder: str) -> dict:
 
     for _ in range(args.warmup):
         run()
-    _, times, image = _median_time(run, args.repeats)
+    times, image = _timed(run, args.repeats)
     return dict(times=times, image=image, torch_threads=torch.get_num_threads())
 
 
