@@ -3,6 +3,11 @@
     python -m benchmarks.device_report --out=$OUT                    # every part, full size (one GPU, < 9.5 minutes)
     python -m benchmarks.device_report --out=$OUT --parts=unet       # one part
     python -m benchmarks.device_report --tiny --out=/tmp/devrep      # tiny shapes: the CPU smoke run (~1 minute)
+    python -m benchmarks.device_report --out=$OUT --parts=train --dispatches=auto --profile   # + where time goes
+
+--profile traces one training step per dispatch and one whole generation, and records the largest device ops
+(benchmarks/trace_summary.py); under XLA:GPU's command buffers (CUDA graphs) kernels show up by buffer name, so set
+XLA_FLAGS=--xla_gpu_enable_command_buffer= to see them by HLO op (the timings then include the launch gaps).
 
 Results go to $OUT/device_report.json (one dict per part plus 'meta', rewritten after every part, so a run cut short
 keeps the parts it finished) and a table on stdout; copy the numbers into BUILD_NOTES.md ("Measured performance").
@@ -142,6 +147,9 @@ def _parse(argv=None):
     p.add_argument('--train_memory', default='auto',
                    help="train: 'auto' (fit to the device) or REMAT:GRAD_ACCUM, e.g. 'full:1'")
     p.add_argument('--attention_impl', default='auto', help='train and decode: DbrxConfig.attention_impl')
+    p.add_argument('--profile', action='store_true',
+                   help='train and decode: also trace one step (per dispatch) / one generation with the profiler and '
+                        'record the largest device ops (benchmarks/trace_summary.py)')
     p.add_argument('--serial_compile', action='store_true',
                    help='compile one program at a time (default: concurrently, from a thread pool)')
     p.add_argument('--child', default=None, choices=PARTS, help=argparse.SUPPRESS)  # run one part in-process
@@ -368,6 +376,10 @@ def part_train(args, record) -> dict:
                     tokens_per_sec=b * t / med, mfu=mfu_lib.mfu(flops_per_step, med, 1, peak), first_loss=losses[0],
                     last_loss=losses[-1])
 
+    def measure_one(compiled):
+        holder['state'], metrics = compiled(holder['state'], batch)
+        float(metrics['loss'])  # blocks until the step is done
+
     dispatches = [d for d in args.dispatches.split(',') if d]
     remat, accum = candidates[0]
     t0 = time.perf_counter()
@@ -397,6 +409,8 @@ def part_train(args, record) -> dict:
                          'oom_with': f'{remat}:{accum}', **measure(compiled, max(deadline, time.perf_counter()))}
                 except Exception as e2:  # pylint: disable=broad-except
                     r['retry_error'] = f'{type(e2).__name__}: {str(e2)[:2000]}'
+        if args.profile and 'median_step_sec' in r:
+            r['profile'] = _profile(lambda: measure_one(compiled), f'train_{d}')
         out['dispatch'][d] = r
         if 'median_step_sec' in r:
             _log(f'train[{d}]: {r["median_step_sec"] * 1e3:.1f} ms/step over {r["timed_steps"]} steps, '
@@ -412,6 +426,22 @@ def part_train(args, record) -> dict:
         out['peak_bytes_in_use'] = _peak_memory()
         record(out)
     return out
+
+
+def _profile(fn, name: str, per: int = 1) -> dict:
+    """trace_summary.profile(fn) in a temporary folder, logged; the error string instead when tracing fails (a
+    profile is an extra: it never costs the part its timings). `per`: the log line also gives ms per `per`."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+    from benchmarks import trace_summary  # pylint: disable=import-outside-toplevel
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = trace_summary.profile(fn, tmp)
+        _log(f'{name} profile' + (f' (/{per}: {summary["device_ms"] / per:.3f} ms of device events each)'
+                                  if per > 1 else '') + ':\n' + trace_summary.format_summary(summary))
+        return summary
+    except Exception as e:  # pylint: disable=broad-except
+        _log(f'{name} profile failed: {type(e).__name__}: {str(e)[:300]}')
+        return {'error': f'{type(e).__name__}: {str(e)[:2000]}'}
 
 
 def _lower(jitted, *args):
@@ -730,6 +760,8 @@ def part_decode(args, record) -> dict:
         raise RuntimeError(f'{n_new} tokens took {t_full:.4f}s, no longer than 1 token ({t_first:.4f}s)')
     tps = (n_new - 1) / (t_full - t_first)
     out.update(decode_tokens_per_sec=tps, ms_per_token=1e3 / tps, fraction_of_bound=tps / bound if bound else None)
+    if args.profile:
+        out['profile'] = _profile(lambda: generate(n_new), 'decode', per=n_new)
     record(out)
     _log(f'decode: {tps:,.1f} tokens/s ({1e3 / tps:.2f} ms/token; prefill {p_len} + 1 token {1e3 * t_first:.1f} ms)'
          + (f' = {100 * tps / bound:.1f}% of the {bound:,.0f} tokens/s bandwidth bound' if bound else ''))

@@ -16,8 +16,8 @@ def _positive(x):
 
 
 def test_device_report_tiny(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.device_report", "--tiny", f"--out={tmp_path}"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "benchmarks.device_report", "--tiny", "--profile", f"--out={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "device_report.json"))
     assert set(report) == {"meta", "train", "unet", "decode"}
@@ -33,6 +33,7 @@ def test_device_report_tiny(tmp_path):
         for key in ("median_step_sec", "tokens_per_sec", "mfu", "compile_sec", "first_loss"):
             assert _positive(r[key]), (name, key, r[key])
         assert r["timed_steps"] >= 2
+        assert r["profile"]["events"] > 0, (name, r["profile"])  # --profile: one traced step per dispatch
     assert train["best_dispatch"] in train["dispatch"]
 
     unet = report["unet"]
@@ -51,6 +52,7 @@ def test_device_report_tiny(tmp_path):
     for key in ("decode_tokens_per_sec", "end_to_end_tokens_per_sec", "t_first_sec", "t_full_sec",
                 "bytes_per_token", "weight_bytes_per_token"):
         assert _positive(decode[key]), (key, decode[key])
+    assert decode["profile"]["events"] > 0, decode["profile"]
     assert decode["bound_tokens_per_sec"] is None and decode["fraction_of_bound"] is None  # no HBM figure on CPU
 
     assert "train: DBRX" in proc.stdout and "best:" in proc.stdout and "target 3.0 s/image" in proc.stdout

@@ -157,10 +157,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     Args:
       q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (heads % kv_heads == 0).
       mask: bool broadcastable to [batch, heads, seq_q, seq_k] (see make_attention_mask).
-      impl: 'auto' ('chunked' on CPU, else jax.nn.dot_product_attention with the implementation chosen by
-        JAX/XLA), 'xla', 'cudnn' (flash attention on GPU; supports only some shapes/dtypes), 'einsum' (plain
-        einsums) or 'chunked' (query chunks with a recomputing backward: models/chunked_attention.py, about 2x
-        faster than 'xla' forward + backward on XLA:CPU).
+      impl: 'auto' ('chunked' on CPU; on GPU 'cudnn' for bf16/fp16 when cuDNN accepts the shapes at trace
+        time, else 'xla'; 'xla' on TPU), 'xla', 'cudnn' (flash attention on GPU; supports only some
+        shapes/dtypes; the mask goes in as an additive bias), 'einsum' (plain einsums) or 'chunked' (query chunks
+        with a recomputing backward: models/chunked_attention.py, about 2x faster than 'xla' forward + backward on
+        XLA:CPU). jax.nn.dot_product_attention's own default (implementation=None) is XLA's attention on every
+        backend, hence the explicit choice: on an H200 cuDNN took 270 ms off a 1.74 s DBRX training step
+        (BUILD_NOTES.md, "GPU").
     Returns:
       [batch, seq, heads, head_dim] in q's dtype.
     """
@@ -169,10 +172,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
         return _einsum_attention(q, k, v, mask, scale)
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f'unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}')
-    if impl == 'chunked' or (impl == 'auto' and jax.default_backend() == 'cpu'):
+    if impl == 'auto':
+        backend = jax.default_backend()
+        if backend == 'cpu':
+            impl = 'chunked'
+        else:
+            if backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+                try:
+                    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation='cudnn')
+                except (ValueError, NotImplementedError, RuntimeError):  # shapes/GPUs the kernel does not cover
+                    pass
+            impl = 'xla'
+    if impl == 'chunked':
         return chunked_attention.attention(q, k, v, mask, scale=scale)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                        implementation=None if impl == 'auto' else impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,

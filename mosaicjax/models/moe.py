@@ -18,11 +18,12 @@ Dispatch strategies (all compute the same function; only speed and memory differ
               ffn 512, 4096 assignments, one core), as fast as one dense GLU over the same rows. No
               higher-order derivatives (a loop with a data-dependent trip count cannot be reversed by JAX).
   'ragged'    dropless grouped matmul with jax.lax.ragged_dot on the sorted assignments: no padding at all;
-              meant for GPU/TPU where ragged_dot lowers to a real grouped GEMM.
+              meant for TPU, where ragged_dot lowers to a grouped GEMM kernel. On an H200 (jax 0.11.2) it was
+              the slowest strategy: 2.4x 'sorted''s step time (BUILD_NOTES.md, "GPU").
   'capacity'  fixed per-expert capacity ceil(capacity_factor * assignments / experts); assignments over
               capacity are dropped (first-choice assignments of all tokens take precedence over second
               choices, padding tokens come last) and the dropped fraction is reported.
-  'auto'      'ragged' on gpu/tpu, 'blocked' elsewhere.
+  'auto'      'ragged' on tpu, 'sorted' on gpu (the fastest dropless strategy measured there), 'blocked' on cpu.
 
 Sharding (mosaicjax/models/expert_parallel.py): under a multi-device mesh in context (jax.set_mesh), Experts
 runs inside jax.shard_map over the devices' own tokens. With an `expert` axis > 1 the experts are split over it
@@ -60,12 +61,15 @@ DISPATCH_STRATEGIES = ('auto', 'loop', 'sorted', 'blocked', 'ragged', 'capacity'
 
 
 def resolve_dispatch(dispatch: str) -> str:
-    """Maps 'auto' to the strategy for the default backend ('ragged' on gpu/tpu, 'blocked' on cpu)."""
+    """Maps 'auto' to the strategy for the default backend ('ragged' on tpu, 'sorted' on gpu, 'blocked' on cpu)."""
     if dispatch not in DISPATCH_STRATEGIES:
         raise ValueError(f'unknown moe_dispatch {dispatch!r}; expected one of {DISPATCH_STRATEGIES}')
     if dispatch != 'auto':
         return dispatch
-    return 'ragged' if jax.default_backend() in ('gpu', 'cuda', 'rocm', 'tpu') else 'blocked'
+    backend = jax.default_backend()
+    if backend == 'tpu':
+        return 'ragged'
+    return 'sorted' if backend in ('gpu', 'cuda', 'rocm') else 'blocked'
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,18 +239,38 @@ def _padded_layout(top_idx, e, bs):
     return num_blocks, dest, slot_token, block_e, (padded_end[-1] // bs).astype(jnp.int32)
 
 
-def dispatch_sorted(x, w1, v1, w2, top_w, top_idx, valid=None, *, block_size: int = 0):
-    """Dropless blocked dispatch: sort by expert, pad groups to block multiples, one batched matmul."""
+def block_weights(w, block_e, *, one_hot: bool | None = None):
+    """w [E, ...] -> [blocks, ...]: each block's expert's weights (w[block_e]), for 'sorted'.
+
+    one_hot (default: on accelerators) selects with a one-hot matmul, [blocks, E] x [E, F*D], instead of a gather.
+    The two are equal (one nonzero term per output, and HIGHEST precision keeps float32 weights exact), but their
+    gradients are not equally fast: the gather's is a scatter-add of every block's [F, D] gradient into its expert,
+    which on an H200 took 113 of a 444 ms DBRX training step (3 scatters x 16 layers, 2.4 ms each; BUILD_NOTES.md,
+    "GPU"), while the one-hot matmul's is another small matmul. On CPU the gather stays: there the one-hot matmul's
+    E x more arithmetic is not hidden behind memory traffic.
+    """
+    if one_hot is None:
+        one_hot = jax.default_backend() != 'cpu'
+    if not one_hot:
+        return w[block_e]
+    sel = jax.nn.one_hot(block_e, w.shape[0], dtype=w.dtype)  # [blocks, E]; block_e < E
+    return jnp.einsum('be,e...->b...', sel, w, precision=jax.lax.Precision.HIGHEST)
+
+
+def dispatch_sorted(x, w1, v1, w2, top_w, top_idx, valid=None, *, block_size: int = 0, one_hot: bool | None = None):
+    """Dropless blocked dispatch: sort by expert, pad groups to block multiples, one batched matmul.
+
+    one_hot: how each block's expert weights are selected (block_weights; default per backend)."""
     del valid
     n, k = top_idx.shape
     e = w1.shape[0]
     bs = block_size or default_block_size(n * k, e)
     num_blocks, dest, slot_token, block_e, _ = _padded_layout(top_idx, e, bs)
     xb = _rows(x, slot_token).reshape(num_blocks, bs, -1)  # [blocks, bs, D]
+    wb1, wb2, wb3 = (block_weights(w, block_e, one_hot=one_hot) for w in (w1, v1, w2))  # each [blocks, F, D]
     # Blocks past the last group hold only zero rows, so their outputs (and weight gradients) are zero.
-    h = (jax.nn.silu(jnp.einsum('bsd,bfd->bsf', xb, w1[block_e]))
-         * jnp.einsum('bsd,bfd->bsf', xb, v1[block_e]))  # [blocks, bs, F]
-    yb = jnp.einsum('bsf,bfd->bsd', h, w2[block_e])  # [blocks, bs, D]
+    h = jax.nn.silu(jnp.einsum('bsd,bfd->bsf', xb, wb1)) * jnp.einsum('bsd,bfd->bsf', xb, wb2)  # [blocks, bs, F]
+    yb = jnp.einsum('bsf,bfd->bsd', h, wb3)  # [blocks, bs, D]
     y_assign = _rows(yb.reshape(num_blocks * bs, -1), dest).reshape(n, k, -1)  # [N, k, D]
     return _combine(y_assign, top_w), jnp.zeros((), jnp.float32)
 

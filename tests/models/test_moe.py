@@ -43,6 +43,9 @@ def _np_moe(x, w1, v1, w2, top_w, top_idx):
 DROPLESS = {
     'sorted': moe.dispatch_sorted,
     'sorted_bs3': functools.partial(moe.dispatch_sorted, block_size=3),  # odd size, many blocks
+    # The accelerator's weight selection (a one-hot matmul, not a gather), forced on here.
+    'sorted_onehot': functools.partial(moe.dispatch_sorted, one_hot=True),
+    'sorted_onehot_bs3': functools.partial(moe.dispatch_sorted, block_size=3, one_hot=True),
     'blocked': moe.dispatch_blocked,
     'blocked_bs3': functools.partial(moe.dispatch_blocked, block_size=3),
     'ragged': moe.dispatch_ragged,
@@ -87,6 +90,21 @@ def test_dropless_dispatch_equals_loop_outputs_and_grads(name, n, e, k, skew):
     np.testing.assert_allclose(y_got, y_ref, rtol=1e-5, atol=1e-5)
     for gr, gg, what in zip(g_ref, g_got, ('x', 'w1', 'v1', 'w2', 'top_w')):
         np.testing.assert_allclose(gg, gr, rtol=1e-5, atol=1e-5, err_msg=what)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_block_weights_one_hot_equals_gather_exactly(dtype):
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(5, 7, 3)), dtype)
+    block_e = jnp.asarray([0, 0, 2, 3, 3, 3, 4, 4], jnp.int32)
+    gathered = moe.block_weights(w, block_e, one_hot=False)
+    selected = moe.block_weights(w, block_e, one_hot=True)
+    assert selected.dtype == dtype and selected.shape == (8, 7, 3)
+    np.testing.assert_array_equal(np.asarray(selected, np.float32), np.asarray(gathered, np.float32))
+    # Gradients: the scatter-add's per-expert sums, here through the one-hot matmul.
+    g = jnp.asarray(np.random.default_rng(4).normal(size=(8, 7, 3)), jnp.float32)
+    grads = [jax.grad(lambda w_: jnp.sum(moe.block_weights(w_, block_e, one_hot=o).astype(jnp.float32) * g))(
+        w.astype(jnp.float32)) for o in (False, True)]
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6, atol=1e-6)
 
 
 def _np_capacity_keep(top_idx, valid, e, cap):
@@ -206,7 +224,7 @@ def test_experts_module_hf_layout_and_dispatch(dispatch):
 
 
 def test_auto_dispatch_is_blocked_on_cpu():
-    assert moe.resolve_dispatch('auto') == ('blocked' if jax.default_backend() == 'cpu' else 'ragged')
+    assert moe.resolve_dispatch('auto') == {'cpu': 'blocked', 'gpu': 'sorted', 'tpu': 'ragged'}[jax.default_backend()]
     with pytest.raises(ValueError):
         moe.resolve_dispatch('nope')
 
