@@ -16,7 +16,10 @@ def _positive(x):
 
 
 def test_device_report_tiny(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks.device_report", "--tiny", "--profile", f"--out={tmp_path}"]
+    # Two dispatches (the dispatches themselves are tested in tests/models/test_moe.py): the report's per-dispatch
+    # loop is exercised and the test stays ~15 s shorter than with all four.
+    cmd = [sys.executable, "-m", "benchmarks.device_report", "--tiny", "--profile", "--dispatches=sorted,capacity",
+           f"--out={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "device_report.json"))
@@ -26,7 +29,7 @@ def test_device_report_tiny(tmp_path):
 
     train = report["train"]
     assert "error" not in train, train.get("error")
-    assert set(train["dispatch"]) == {"ragged", "sorted", "blocked", "capacity"}
+    assert set(train["dispatch"]) == {"sorted", "capacity"}
     assert 0 < train["active_params"] < train["total_params"] and _positive(train["flops_per_step"])
     for name, r in train["dispatch"].items():
         assert "error" not in r, (name, r.get("error"))
