@@ -354,14 +354,18 @@ def part_train(args, record) -> dict:
                                                   for d, (c, sec) in built.items()))
         return built
 
+    def run_step(compiled) -> float:
+        """One step on the held state; its loss (float() blocks until the step is done)."""
+        holder['state'], metrics = compiled(holder['state'], batch)
+        return float(metrics['loss'])
+
     def measure(compiled, deadline) -> dict:
         ensure_state()
         losses, times = [], []
 
         def step():
             t1 = time.perf_counter()
-            holder['state'], metrics = compiled(holder['state'], batch)
-            losses.append(float(metrics['loss']))  # blocks until the step is done
+            losses.append(run_step(compiled))
             return time.perf_counter() - t1
 
         first = step()
@@ -375,10 +379,6 @@ def part_train(args, record) -> dict:
         return dict(first_step_sec=first, timed_steps=len(times), median_step_sec=med, min_step_sec=min(times),
                     tokens_per_sec=b * t / med, mfu=mfu_lib.mfu(flops_per_step, med, 1, peak), first_loss=losses[0],
                     last_loss=losses[-1])
-
-    def measure_one(compiled):
-        holder['state'], metrics = compiled(holder['state'], batch)
-        float(metrics['loss'])  # blocks until the step is done
 
     dispatches = [d for d in args.dispatches.split(',') if d]
     remat, accum = candidates[0]
@@ -410,7 +410,7 @@ def part_train(args, record) -> dict:
                 except Exception as e2:  # pylint: disable=broad-except
                     r['retry_error'] = f'{type(e2).__name__}: {str(e2)[:2000]}'
         if args.profile and 'median_step_sec' in r:
-            r['profile'] = _profile(lambda: measure_one(compiled), f'train_{d}')
+            r['profile'] = _profile(lambda: run_step(compiled), f'train_{d}')
         out['dispatch'][d] = r
         if 'median_step_sec' in r:
             _log(f'train[{d}]: {r["median_step_sec"] * 1e3:.1f} ms/step over {r["timed_steps"]} steps, '

@@ -44,21 +44,20 @@ def profile(fn: Callable[[], object], log_dir: str, top: int = 40) -> dict:
     return out
 
 
-def _device_pids(events) -> tuple[set, bool]:
-    """(pids of the device timelines, whether any exist). Without device timelines (CPU), the XLA runtime
-    threads' events stand in."""
+def _device_pids(events) -> set:
+    """pids of the device timelines (processes not named '/host...'); empty on CPU."""
     names = {e['pid']: e.get('args', {}).get('name', '') for e in events
              if e.get('ph') == 'M' and e.get('name') == 'process_name'}
-    device = {pid for pid, name in names.items() if not name.startswith('/host')}
-    return device, bool(device)
+    return {pid for pid, name in names.items() if not name.startswith('/host')}
 
 
 def summarize(trace, top: int = 30) -> dict:
     """{'device_ms', 'events', 'by_name': [{'name', 'ms', 'count', 'share'}], 'by_hlo_op': [...]} for a
     Chrome-trace dict or event list; each list is the `top` largest by summed duration."""
     events = trace['traceEvents'] if isinstance(trace, dict) else trace
-    pids, on_device = _device_pids(events)
-    if not on_device:
+    pids = _device_pids(events)
+    on_device = bool(pids)
+    if not on_device:  # CPU: the XLA runtime threads' events stand in for a device timeline
         threads = {(e['pid'], e.get('tid')) for e in events
                    if e.get('ph') == 'M' and e.get('name') == 'thread_name'
                    and any(k in e.get('args', {}).get('name', '') for k in ('XLA', 'Eigen'))}

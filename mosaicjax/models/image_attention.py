@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from mosaicjax.models import chunked_attention
+from mosaicjax.models import layers
 
 
 def attention(q, k, v, scale: float, impl: str = 'auto') -> jax.Array:
@@ -16,13 +16,10 @@ def attention(q, k, v, scale: float, impl: str = 'auto') -> jax.Array:
     jax.nn.dot_product_attention's own default is always XLA, hence the explicit choice here.
     """
     if impl == 'auto':
-        backend = jax.default_backend()
-        if backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:
-                return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
-            except (ValueError, NotImplementedError, RuntimeError):  # shapes/GPUs the kernel does not cover
-                pass
-        impl = 'chunked' if backend == 'cpu' else 'xla'
+        out = layers.cudnn_attention_if_supported(q, k, v, scale=scale)
+        if out is not None:
+            return out
+        impl = 'chunked' if jax.default_backend() == 'cpu' else 'xla'
     if impl == 'chunked':
         return chunked_attention.attention(q, k, v, scale=scale)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)

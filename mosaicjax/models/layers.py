@@ -150,6 +150,18 @@ def _einsum_attention(q, k, v, mask, scale):
     return out.reshape(b, t, n, h)  # [batch, seq_q, heads, head_dim]
 
 
+def cudnn_attention_if_supported(q, k, v, *, scale: float, mask=None) -> jax.Array | None:
+    """cuDNN's fused attention on GPU for bf16/fp16 when it accepts the shapes (checked at trace time, e.g.
+    head_dim <= 128); None elsewhere, so the caller picks its fallback. The 'auto' choice of DBRX and the image
+    models: jax.nn.dot_product_attention's own default (implementation=None) is XLA's attention on every backend."""
+    if jax.default_backend() != 'gpu' or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    try:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError):  # shapes/GPUs the kernel does not cover
+        return None
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
               impl: str = 'auto') -> jax.Array:
     """Masked (GQA/MQA) scaled dot-product attention.
@@ -173,15 +185,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f'unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}')
     if impl == 'auto':
-        backend = jax.default_backend()
-        if backend == 'cpu':
+        if jax.default_backend() == 'cpu':
             impl = 'chunked'
         else:
-            if backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
-                try:
-                    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation='cudnn')
-                except (ValueError, NotImplementedError, RuntimeError):  # shapes/GPUs the kernel does not cover
-                    pass
+            out = cudnn_attention_if_supported(q, k, v, scale=scale, mask=mask)
+            if out is not None:
+                return out
             impl = 'xla'
     if impl == 'chunked':
         return chunked_attention.attention(q, k, v, mask, scale=scale)
