@@ -26,6 +26,8 @@ import jax.numpy as jnp
 # forward + backward 27 / 26 / 40 ms.
 TILE_BYTES = 4 << 20
 MIN_CHUNK = 16
+# Most query groups attention(causal=True) splits the queries into (each a separately compiled chunk loop).
+CAUSAL_GROUPS = 8
 _NEG = -1e30  # masked logits: exp underflows to exactly 0 and no inf - inf can appear
 
 
@@ -102,8 +104,19 @@ def _backward(scale, res, do):
 _attention.defvjp(_forward, _backward)
 
 
+def causal_groups(num_chunks: int) -> int:
+    """Query groups for causal skipping: the largest divisor of num_chunks up to CAUSAL_GROUPS that leaves every
+    group at least two chunks.
+
+    Measured on 2 CPU cores, forward + backward, 8 heads / 2 kv heads, head_dim 32: (8, 256) in 4 chunks of 64
+    15.9 ms unsplit, 11.1 ms in 2 groups, 18.4 ms in 4 (one-chunk groups are slower than no split); (2, 1024) in
+    16 chunks 47.8 / 36.4 / 31.6 / 30.6 ms in 1 / 2 / 4 / 8 groups.
+    """
+    return max(d for d in range(1, max(1, min(num_chunks // 2, CAUSAL_GROUPS)) + 1) if num_chunks % d == 0)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-              scale: float | None = None, chunk: int | None = None) -> jax.Array:
+              scale: float | None = None, chunk: int | None = None, causal: bool = False) -> jax.Array:
     """Softmax(q k^T * scale [masked]) v, GQA/MQA aware.
 
     Args:
@@ -112,6 +125,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
         least one True (layers.make_attention_mask guarantees it).
       scale: logit scale (default head_dim ** -0.5).
       chunk: queries per chunk (default chunk_size()); must divide seq_q.
+      causal: the caller's promise that query i never attends to a key after position i (mask included), with
+        queries and keys at the same positions (seq_q == seq_k). The queries are then split into
+        causal_groups() groups and group j reads only the keys up to its last query: the score tiles shrink to
+        (G + 1) / 2G of the full square (62.5% at 4 groups), the mask still applies inside them.
     Returns:
       [batch, seq_q, heads, head_dim] in q's dtype.
     """
@@ -127,5 +144,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     qc = q.reshape(b, nc, chunk, kv, g, h).transpose(1, 0, 3, 4, 2, 5)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, 1, t, s))[:, 0].reshape(b, nc, chunk, s).transpose(1, 0, 2, 3)
-    o = _attention(qc, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, h]
+    if not causal:
+        o = _attention(qc, kt, vt, mask, scale)
+    else:
+        if s != t:
+            raise ValueError(f'causal=True needs seq_q == seq_k, got {t} and {s}')
+        if mask is None:
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)).reshape(nc, 1, chunk, t), (nc, b, chunk, t))
+        groups = causal_groups(nc)
+        per = nc // groups  # chunks per group
+        # One custom-VJP call per group (a static loop of `groups` copies of the chunk loop); autodiff sums the
+        # groups' key/value gradients, each zero past its group's keys.
+        o = jnp.concatenate([
+            _attention(qc[i * per:(i + 1) * per], kt[:, :, :(i + 1) * per * chunk], vt[:, :, :(i + 1) * per * chunk],
+                       mask[i * per:(i + 1) * per, :, :, :(i + 1) * per * chunk], scale)
+            for i in range(groups)], axis=0)  # [chunks, b, kv, g, c, h]
     return o.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, n, h)

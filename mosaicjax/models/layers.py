@@ -163,7 +163,7 @@ def cudnn_attention_if_supported(q, k, v, *, scale: float, mask=None) -> jax.Arr
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-              impl: str = 'auto') -> jax.Array:
+              impl: str = 'auto', causal: bool = False) -> jax.Array:
     """Masked (GQA/MQA) scaled dot-product attention.
 
     Args:
@@ -176,6 +176,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
         XLA:CPU). jax.nn.dot_product_attention's own default (implementation=None) is XLA's attention on every
         backend, hence the explicit choice: on an H200 cuDNN took 270 ms off a 1.74 s DBRX training step
         (BUILD_NOTES.md, "GPU").
+      causal: mask is causal (make_attention_mask's always is); 'chunked' then skips the key blocks past each
+        query chunk (the other implementations apply the mask as it is).
     Returns:
       [batch, seq, heads, head_dim] in q's dtype.
     """
@@ -193,7 +195,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                 return out
             impl = 'xla'
     if impl == 'chunked':
-        return chunked_attention.attention(q, k, v, mask, scale=scale)
+        return chunked_attention.attention(q, k, v, mask, scale=scale, causal=causal)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
 
 
@@ -291,7 +293,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if kv_cache is None:
-            o = attention(q, k, v, mask, impl=self.impl)  # [batch, seq, heads, head_dim]
+            o = attention(q, k, v, mask, impl=self.impl, causal=True)  # [batch, seq, heads, head_dim]
         else:
             o = cached_attention(q, k, v, kv_cache[0], kv_cache[1], mask, cache_mask)  # [b, seq, heads, hd]
         o = nn.with_logical_constraint(o, ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))

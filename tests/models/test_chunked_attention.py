@@ -75,3 +75,31 @@ def test_image_attention_auto_is_chunked_on_cpu():
     auto = jax.jit(lambda q, k, v: image_attention.attention(q, k, v, 8 ** -0.5))
     assert "while" in auto.lower(q, k, v).as_text()  # lax.map over the chunks
     np.testing.assert_allclose(np.asarray(auto(q, k, v)), _reference(q, k, v, 8 ** -0.5), rtol=1e-5, atol=5e-6)
+
+
+@pytest.mark.parametrize("t,chunk,kv", [(256, 32, 2), (192, 16, 1), (128, 64, 4)])
+def test_causal_key_skipping_equals_full_attention(t, chunk, kv):
+    """causal=True reads only the keys up to each query group's end; values and gradients stay those of the
+    masked full attention (packed segments and padding included)."""
+    q, k, v = _qkv(2, t, t, 4, kv, 8, seed=4)
+    mask = _mask(2, t)
+    w = jnp.asarray(np.random.RandomState(5).randn(2, t, 4, 8).astype(np.float32))
+    groups = chunked_attention.causal_groups(t // chunk)
+    assert groups == {256: 4, 192: 6, 128: 1}[t]  # 8, 12 and 2 chunks
+
+    def run(causal):
+        fn = lambda q, k, v: chunked_attention.attention(q, k, v, mask, scale=0.3, chunk=chunk, causal=causal)
+        out = jax.jit(fn)(q, k, v)
+        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+        return out, grads
+    (out, grads), (ref_out, ref_grads) = run(True), run(False)
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, 0.3, mask), rtol=1e-5, atol=5e-6)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=5e-6)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="seq_q == seq_k"):
+        chunked_attention.attention(q, k[:, :64], v[:, :64], causal=True)
+
+
+def test_causal_groups_rule():
+    assert [chunked_attention.causal_groups(n) for n in (1, 2, 4, 6, 8, 16, 64)] == [1, 1, 2, 3, 4, 8, 8]
