@@ -141,6 +141,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     kv = k.shape[2]
     g, nc = n // kv, t // chunk
     # query head i uses kv head i // g (transformers' order): [b, t, n, h] -> [chunks, b, kv, g, c, h]
+    if causal:
+        if s != t:
+            raise ValueError(f'causal=True needs seq_q == seq_k, got {t} and {s}')
+        if mask is None:  # plain causal attention: the promise made explicit
+            mask = jnp.tril(jnp.ones((t, s), bool))  # [t, s]
     qc = q.reshape(b, nc, chunk, kv, g, h).transpose(1, 0, 3, 4, 2, 5)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, 1, t, s))[:, 0].reshape(b, nc, chunk, s).transpose(1, 0, 2, 3)
@@ -148,16 +153,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     if not causal:
         o = _attention(qc, kt, vt, mask, scale)
     else:
-        if s != t:
-            raise ValueError(f'causal=True needs seq_q == seq_k, got {t} and {s}')
-        if mask is None:
-            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)).reshape(nc, 1, chunk, t), (nc, b, chunk, t))
-        groups = causal_groups(nc)
-        per = nc // groups  # chunks per group
-        # One custom-VJP call per group (a static loop of `groups` copies of the chunk loop); autodiff sums the
-        # groups' key/value gradients, each zero past its group's keys.
-        o = jnp.concatenate([
-            _attention(qc[i * per:(i + 1) * per], kt[:, :, :(i + 1) * per * chunk], vt[:, :, :(i + 1) * per * chunk],
-                       mask[i * per:(i + 1) * per, :, :, :(i + 1) * per * chunk], scale)
-            for i in range(groups)], axis=0)  # [chunks, b, kv, g, c, h]
+        per = nc // causal_groups(nc)  # chunks per group
+        # One custom-VJP call per group (a static loop of copies of the chunk loop); autodiff sums the groups'
+        # key/value gradients, each zero past its group's keys.
+        outs = []
+        for start in range(0, nc, per):
+            end = (start + per) * chunk  # keys up to the group's last query
+            outs.append(_attention(qc[start:start + per], kt[:, :, :end], vt[:, :, :end],
+                                   mask[start:start + per, ..., :end], scale))
+        o = jnp.concatenate(outs, axis=0)  # [chunks, b, kv, g, c, h]
     return o.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, n, h)

@@ -176,8 +176,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
         XLA:CPU). jax.nn.dot_product_attention's own default (implementation=None) is XLA's attention on every
         backend, hence the explicit choice: on an H200 cuDNN took 270 ms off a 1.74 s DBRX training step
         (BUILD_NOTES.md, "GPU").
-      causal: mask is causal (make_attention_mask's always is); 'chunked' then skips the key blocks past each
-        query chunk (the other implementations apply the mask as it is).
+      causal: mask is causal (make_attention_mask's always is); 'chunked' then skips the keys past each group
+        of query chunks (the other implementations apply the mask as it is).
     Returns:
       [batch, seq, heads, head_dim] in q's dtype.
     """

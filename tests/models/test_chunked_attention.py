@@ -101,5 +101,12 @@ def test_causal_key_skipping_equals_full_attention(t, chunk, kv):
         chunked_attention.attention(q, k[:, :64], v[:, :64], causal=True)
 
 
+def test_causal_without_mask_is_causal_attention():
+    q, k, v = _qkv(2, 256, 256, 4, 2, 8, seed=6)
+    got = jax.jit(lambda q, k, v: chunked_attention.attention(q, k, v, scale=0.3, chunk=32, causal=True))(q, k, v)
+    causal = np.tril(np.ones((256, 256), bool))[None, None]
+    np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, 0.3, causal), rtol=1e-5, atol=5e-6)
+
+
 def test_causal_groups_rule():
     assert [chunked_attention.causal_groups(n) for n in (1, 2, 4, 6, 8, 16, 64)] == [1, 1, 2, 3, 4, 8, 8]
