@@ -11,7 +11,9 @@ Both sides do the same work per step: forward, next-token cross-entropy + the HF
 converted with mosaicjax.checkpoints.hf_dbrx.params_to_hf and loaded into torch), the same batch and the same
 CPU, each framework in a fresh subprocess, one after the other. torch uses --threads intra-op threads (default:
 all cores) and SDPA attention; JAX runs mosaicjax.trainer.step.make_train_step under jax.jit with the state
-donated, with the model's defaults (moe_dispatch 'auto' = 'blocked' on CPU) unless flags say otherwise.
+donated, with the model's defaults (moe_dispatch 'auto' = 'blocked' on CPU) unless flags say otherwise, in the
+environment `python -m mosaicjax.train` gives itself on CPU (glibc's huge-page tunable, mosaicjax.host_memory;
+--huge_pages=0 keeps this environment as it is; `--only=jax` runs always keep it).
 
 Reported: median step time over the timed steps (after warm-up steps, which include JAX's compilation),
 training tokens/s = batch * seq / median, and the same per CPU-second of the process (robust on a shared
@@ -34,6 +36,7 @@ import time
 import numpy as np
 
 from benchmarks import without_flags
+from mosaicjax import host_memory
 
 # The default configuration: a small DBRX with every DBRX feature on (GQA, clip_qkv, fine-grained top-2 MoE).
 DEFAULTS = dict(d_model=256, n_heads=8, kv_n_heads=2, n_layers=4, ffn_hidden_size=512, moe_num_experts=8,
@@ -51,6 +54,9 @@ def _parse(argv=None):
     p.add_argument('--moe_block_size', type=int, default=0, help="'sorted' dispatch block rows (0 = derived)")
     p.add_argument('--attention_impl', default='auto', help='DbrxConfig.attention_impl')
     p.add_argument('--scan_layers', type=int, default=1, help='DbrxConfig.scan_layers (1: nn.scan, 0: unrolled)')
+    p.add_argument('--huge_pages', type=int, default=1,
+                   help='1: start the JAX side with the environment `python -m mosaicjax.train` gives itself on '
+                        'CPU (mosaicjax.host_memory: glibc huge pages); 0: this environment as it is')
     p.add_argument('--rounds', type=int, default=1,
                    help='alternate the two sides this many times; report each round and the median ratio')
     p.add_argument('--only', choices=('jax', 'torch'), default=None, help='run one side only')
@@ -191,6 +197,7 @@ def _run_side(args, side: str) -> dict:
         import jax  # pylint: disable=import-outside-toplevel
         times, loss, first = run_jax(args, cfg, inputs, targets)
         extra = {'compile_and_first_step_sec': first, 'moe_dispatch': cfg.moe_dispatch,
+                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
                  'attention_impl': cfg.attention_impl, 'backend': jax.default_backend()}
     else:
         times, loss = run_torch(args, cfg, inputs, targets)
@@ -230,8 +237,9 @@ def main(argv=None):
                 one = {}
                 for side, name in (('jax', 'mosaicjax'), ('torch', 'transformers')):
                     out = os.path.join(tmp, f'{side}{i}.json')
+                    env = host_memory.environ() if side == 'jax' and args.huge_pages else None
                     subprocess.run([sys.executable, '-m', 'benchmarks.train_throughput', *passthrough,
-                                    f'--only={side}', f'--json={out}'], check=True)
+                                    f'--only={side}', f'--json={out}'], check=True, env=env)
                     with open(out) as f:
                         one[name] = json.load(f)[name]
                 one['ratio'] = one['mosaicjax']['tokens_per_sec'] / one['transformers']['tokens_per_sec']

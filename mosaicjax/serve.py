@@ -86,4 +86,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from mosaicjax import host_memory
+    host_memory.reexec_with_huge_pages()  # on CPU: glibc's huge-page tunable, read only at process start
     app.run(main)
