@@ -33,6 +33,7 @@ import numpy as np
 
 if __package__ in (None, ''):  # `python benchmarks/decode.py`: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import dbrx_config  # noqa: E402  (after the path line: also runs as a script)
 
 # A small DBRX with every DBRX feature on (GQA, clip_qkv, fine-grained top-2 MoE); as benchmarks/train_throughput.
 DEFAULTS = dict(d_model=256, n_heads=8, kv_n_heads=2, n_layers=4, ffn_hidden_size=512, moe_num_experts=8,
@@ -51,13 +52,8 @@ def _parse(argv=None):
 
 
 def _config(args):
-    from mosaicjax.models import dbrx  # pylint: disable=import-outside-toplevel
     max_len = 1 << (args.prompt_len + args.max_new_tokens - 1).bit_length()  # a power of two that fits both
-    return dbrx.DbrxConfig(
-        d_model=args.d_model, n_heads=args.n_heads, kv_n_heads=args.kv_n_heads, n_layers=args.n_layers,
-        max_seq_len=max_len, vocab_size=args.vocab_size, clip_qkv=8.0, rope_theta=10000.0,
-        ffn_hidden_size=args.ffn_hidden_size, moe_num_experts=args.moe_num_experts, moe_top_k=args.moe_top_k,
-        moe_jitter_eps=0.0)
+    return dbrx_config(args, max_seq_len=max_len)
 
 
 def _state_dict(cfg, seed=0):

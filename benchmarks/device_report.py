@@ -73,7 +73,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ''):  # `python benchmarks/device_report.py`: make the repository importable
     sys.path.insert(0, ROOT)
-from benchmarks import without_flags  # noqa: E402  (after the path line: also runs as a script)
+from benchmarks import dbrx_config, without_flags  # noqa: E402  (after the path line: also runs as a script)
 
 PARTS = ('train', 'unet', 'decode')
 DISPATCHES = ('ragged', 'sorted', 'blocked', 'capacity')
@@ -248,12 +248,7 @@ def device_info() -> dict:
 
 
 def _dbrx_config(shape: dict, **kw):
-    from mosaicjax.models import dbrx  # pylint: disable=import-outside-toplevel
-    return dbrx.DbrxConfig(
-        d_model=shape['d_model'], n_heads=shape['n_heads'], kv_n_heads=shape['kv_n_heads'],
-        n_layers=shape['n_layers'], vocab_size=shape['vocab_size'], ffn_hidden_size=shape['ffn_hidden_size'],
-        moe_num_experts=shape['moe_num_experts'], moe_top_k=shape['moe_top_k'], clip_qkv=8.0, rope_theta=10000.0,
-        moe_jitter_eps=0.0, moe_loss_weight=0.05, **kw)
+    return dbrx_config(shape, moe_loss_weight=0.05, **kw)
 
 
 def _param_counts(cfg) -> dict:

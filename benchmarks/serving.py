@@ -65,14 +65,10 @@ def build_checkpoint(folder: str, seed: int = 0) -> str:
     import transformers  # pylint: disable=import-outside-toplevel
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
 
+    from benchmarks import dbrx_config  # pylint: disable=import-outside-toplevel
     from benchmarks import decode as decode_bench  # pylint: disable=import-outside-toplevel
     from mosaicjax.checkpoints import hf_dbrx  # pylint: disable=import-outside-toplevel
-    from mosaicjax.models import dbrx  # pylint: disable=import-outside-toplevel
-    d = decode_bench.DEFAULTS
-    cfg = dbrx.DbrxConfig(d_model=d['d_model'], n_heads=d['n_heads'], kv_n_heads=d['kv_n_heads'],
-                          n_layers=d['n_layers'], max_seq_len=256, vocab_size=d['vocab_size'], clip_qkv=8.0,
-                          rope_theta=10000.0, ffn_hidden_size=d['ffn_hidden_size'],
-                          moe_num_experts=d['moe_num_experts'], moe_top_k=d['moe_top_k'], moe_jitter_eps=0.0)
+    cfg = dbrx_config(decode_bench.DEFAULTS, max_seq_len=256)
     os.makedirs(folder, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from benchmarks import without_flags
+from benchmarks import dbrx_config, without_flags
 from mosaicjax import host_memory
 
 # The default configuration: a small DBRX with every DBRX feature on (GQA, clip_qkv, fine-grained top-2 MoE).
@@ -66,13 +66,9 @@ def _parse(argv=None):
 
 
 def _config(args):
-    from mosaicjax.models import dbrx  # pylint: disable=import-outside-toplevel
-    return dbrx.DbrxConfig(
-        d_model=args.d_model, n_heads=args.n_heads, kv_n_heads=args.kv_n_heads, n_layers=args.n_layers,
-        max_seq_len=max(args.seq, 8), vocab_size=args.vocab_size, clip_qkv=8.0, rope_theta=10000.0,
-        ffn_hidden_size=args.ffn_hidden_size, moe_num_experts=args.moe_num_experts, moe_top_k=args.moe_top_k,
-        moe_jitter_eps=0.0, moe_loss_weight=0.05, moe_dispatch=args.moe_dispatch,
-        moe_block_size=args.moe_block_size, attention_impl=args.attention_impl, scan_layers=bool(args.scan_layers))
+    return dbrx_config(args, max_seq_len=max(args.seq, 8), moe_loss_weight=0.05, moe_dispatch=args.moe_dispatch,
+                       moe_block_size=args.moe_block_size, attention_impl=args.attention_impl,
+                       scan_layers=bool(args.scan_layers))
 
 
 def _batch(args):
