@@ -8,10 +8,11 @@ so at every step the kernel zero-fills the whole block again, one 4 KiB page fau
 
 glibc's `glibc.malloc.hugetlb=1` tunable makes malloc advise transparent huge pages (madvise MADV_HUGEPAGE)
 for the memory it maps, which the kernel honours in its common "madvise" THP mode: the same block then
-faults in as ~170 pages of 2 MiB (~600 faults, ~45 ms of system time per step) and the matmuls streaming over
-it take fewer TLB misses. The benchmark's step: 366-432 ms with it against 441-504 ms without (4 alternating
-runs each). glibc reads tunables once, at process start, so the CLI mains re-execute themselves with it set
-(`reexec_with_huge_pages`) and benchmarks start their JAX processes with `environ()`.
+faults in as ~170 pages of 2 MiB (~600 faults, ~45 ms of system time per step); user time fell too, likely
+fewer TLB misses (this machine has no counters to show it). The benchmark's step: 366-432 ms with it against
+441-504 ms without (4 alternating runs each). glibc reads tunables once, at process start, so the CLI mains
+re-execute themselves with it set (`reexec_with_huge_pages`) and the training benchmark starts its JAX side
+with `environ()`.
 
 Measured and left out: keeping freed memory in the heap instead (mallopt: one arena, no mmap, no trimming)
 removed the faults but not the wall time, and let the heap grow by several temporaries as blocks fragmented it.
